@@ -1,0 +1,82 @@
+"""The nuScenes detection taxonomy: 10 classes, their attributes, and the categories they come from."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "ATTRIBUTES",
+    "CLASS_ATTRIBUTES",
+    "DEFAULT_ATTRIBUTE",
+    "DETECTION_CLASSES",
+    "class_index",
+    "detection_name_of_category",
+]
+
+# Order of the nuScenes detection benchmark and of mmdetection3d's CenterPoint heads.
+DETECTION_CLASSES: Final[tuple[str, ...]] = (
+    "car",
+    "truck",
+    "construction_vehicle",
+    "bus",
+    "trailer",
+    "barrier",
+    "motorcycle",
+    "bicycle",
+    "pedestrian",
+    "traffic_cone",
+)
+
+ATTRIBUTES: Final[tuple[str, ...]] = (
+    "vehicle.moving",
+    "vehicle.stopped",
+    "vehicle.parked",
+    "cycle.with_rider",
+    "cycle.without_rider",
+    "pedestrian.sitting_lying_down",
+    "pedestrian.standing",
+    "pedestrian.moving",
+)
+
+# Which attributes the devkit accepts for each class (an empty tuple: the class has none).
+CLASS_ATTRIBUTES: Final[dict[str, tuple[str, ...]]] = {
+    **{c: ("vehicle.moving", "vehicle.stopped", "vehicle.parked")
+       for c in ("car", "truck", "construction_vehicle", "bus", "trailer")},
+    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
+    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
+    "pedestrian": ("pedestrian.sitting_lying_down", "pedestrian.standing", "pedestrian.moving"),
+    "barrier": (),
+    "traffic_cone": (),
+}
+
+# The attribute a detector reports for a class when it predicts none (the most frequent one in nuScenes).
+DEFAULT_ATTRIBUTE: Final[dict[str, str]] = {
+    "car": "vehicle.parked",
+    "truck": "vehicle.parked",
+    "construction_vehicle": "vehicle.parked",
+    "bus": "vehicle.moving",
+    "trailer": "vehicle.parked",
+    "motorcycle": "cycle.without_rider",
+    "bicycle": "cycle.without_rider",
+    "pedestrian": "pedestrian.moving",
+    "barrier": "",
+    "traffic_cone": "",
+}
+
+
+def class_index(name: str) -> int:
+    """Index of a detection class name in DETECTION_CLASSES."""
+    try:
+        return DETECTION_CLASSES.index(name)
+    except ValueError:
+        raise ValueError(f"unknown detection class {name!r}; known: {', '.join(DETECTION_CLASSES)}") from None
+
+
+def detection_name_of_category(category_name: str) -> str | None:
+    """The detection class of a nuScenes category (e.g. 'vehicle.bus.rigid' -> 'bus'), or None if it has none.
+
+    Delegates to the devkit so the mapping is the benchmark's own.
+    """
+    from nuscenes.eval.detection.utils import category_to_detection_name
+
+    return category_to_detection_name(category_name)

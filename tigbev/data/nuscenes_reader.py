@@ -1,0 +1,317 @@
+"""nuScenes-format datasets through nuscenes-devkit, converted once into typed frames in the key lidar frame.
+
+This is the only module that reads the devkit's tables for training data; it is also the project's one shim for
+devkit quirks (predefined vs. custom splits, verbose loading, NaN velocities).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from tigbev.data.classes import DETECTION_CLASSES, detection_name_of_category
+from tigbev.data.types import CameraView, GtBoxes, LidarSweeps, SampleFrame
+from tigbev.errors import DatasetError
+from tigbev.geometry import boxes_from_nuscenes, invert_pose, make_pose, transform_points
+
+if TYPE_CHECKING:
+    from nuscenes.nuscenes import NuScenes
+
+__all__ = [
+    "CAMERA_CHANNELS",
+    "LIDAR_CHANNEL",
+    "NuScenesReader",
+    "find_version",
+    "read_pcd_bin",
+]
+
+LIDAR_CHANNEL = "LIDAR_TOP"
+CAMERA_CHANNELS: tuple[str, ...] = (
+    "CAM_FRONT_LEFT",
+    "CAM_FRONT",
+    "CAM_FRONT_RIGHT",
+    "CAM_BACK_LEFT",
+    "CAM_BACK",
+    "CAM_BACK_RIGHT",
+)
+_PCD_COLUMNS = 5  # nuScenes .pcd.bin rows: x, y, z, intensity, ring index, all float32
+_TABLES = ("sample", "sample_data", "sample_annotation", "ego_pose", "calibrated_sensor", "scene")
+
+
+def read_pcd_bin(path: str | os.PathLike[str]) -> NDArray[np.float32]:
+    """Raw nuScenes LiDAR file -> (N, 5) float32 (x, y, z, intensity, ring), with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"LiDAR file is missing: {p}")
+    raw = p.read_bytes()
+    row_bytes = 4 * _PCD_COLUMNS
+    if len(raw) % row_bytes != 0:
+        raise DatasetError(
+            f"LiDAR file {p} is truncated or not a nuScenes .pcd.bin: {len(raw)} bytes is not a multiple of "
+            f"{row_bytes} (5 float32 per point)"
+        )
+    return np.frombuffer(raw, dtype=np.float32).reshape(-1, _PCD_COLUMNS)
+
+
+def find_version(dataroot: Path) -> str:
+    """The one table folder (``v1.0-*``) of a dataroot."""
+    if not dataroot.is_dir():
+        raise DatasetError(f"dataroot does not exist or is not a directory: {dataroot}")
+    versions = sorted(p.name for p in dataroot.iterdir() if p.is_dir() and p.name.startswith("v1.0-"))
+    if not versions:
+        raise DatasetError(f"dataroot {dataroot} has no table folder named v1.0-* (e.g. v1.0-trainval)")
+    if len(versions) > 1:
+        raise DatasetError(f"dataroot {dataroot} has several table folders {versions}; pass the version to use")
+    return versions[0]
+
+
+class NuScenesReader:
+    """Reads samples of one nuScenes-format dataroot into :class:`SampleFrame`.
+
+    Args:
+        dataroot: folder holding ``v1.0-*/`` tables, ``samples/``, ``sweeps/`` and ``maps/``.
+        version: the table folder name; found automatically when the dataroot has exactly one.
+        num_sweeps: LiDAR sweeps per sample, the key sweep included (1 = key sweep only). Missing earlier sweeps
+            (scene start) are not padded: the sample simply has fewer.
+    """
+
+    def __init__(self, dataroot: str | os.PathLike[str], *, version: str | None = None, num_sweeps: int = 1):
+        self.dataroot = Path(dataroot).expanduser().resolve()
+        if not self.dataroot.is_dir():
+            raise DatasetError(f"dataroot does not exist or is not a directory: {self.dataroot}")
+        self.version = version or find_version(self.dataroot)
+        table_dir = self.dataroot / self.version
+        if not table_dir.is_dir():
+            raise DatasetError(f"dataroot {self.dataroot} has no table folder {self.version!r}")
+        missing = [t for t in _TABLES if not (table_dir / f"{t}.json").is_file()]
+        if missing:
+            raise DatasetError(f"table folder {table_dir} lacks {', '.join(t + '.json' for t in missing)}")
+        if num_sweeps < 1:
+            raise ValueError(f"num_sweeps must be >= 1 (the key sweep), got {num_sweeps}")
+        self.num_sweeps = num_sweeps
+
+    @cached_property
+    def nusc(self) -> "NuScenes":
+        """The devkit handle, loaded on first use (loading trainval takes tens of seconds)."""
+        from nuscenes.nuscenes import NuScenes
+
+        try:
+            # The devkit prints table statistics on load even when verbose=False for some tables.
+            with contextlib.redirect_stdout(io.StringIO()):
+                return NuScenes(version=self.version, dataroot=str(self.dataroot), verbose=False)
+        except (AssertionError, KeyError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"nuscenes-devkit cannot load {self.dataroot / self.version}: {exc!r}") from exc
+
+    # ----------------------------------------------------------------------------------------------- splits
+    def split_names(self) -> list[str]:
+        """Predefined devkit splits that match this version, plus the custom ones in ``splits.json``."""
+        from nuscenes.utils.splits import create_splits_scenes
+
+        scene_names = {s["name"] for s in self.nusc.scene}
+        names = [
+            n for n, scenes in create_splits_scenes().items()
+            if n in _predefined_splits_of(self.version) and scene_names.intersection(scenes)
+        ]
+        custom = self.dataroot / self.version / "splits.json"
+        if custom.is_file():
+            names += list(_load_custom_splits(custom))
+        return names
+
+    def scene_names(self, split: str) -> list[str]:
+        """Scene names of a predefined or custom split, restricted to scenes present in the dataroot."""
+        from nuscenes.utils.splits import create_splits_scenes
+
+        predefined = create_splits_scenes()
+        custom_file = self.dataroot / self.version / "splits.json"
+        custom = _load_custom_splits(custom_file) if custom_file.is_file() else {}
+        if split in predefined:
+            if split not in _predefined_splits_of(self.version):
+                raise DatasetError(
+                    f"split {split!r} belongs to another nuScenes version than {self.version!r}; available: "
+                    f"{', '.join(self.split_names()) or 'none'}"
+                )
+            wanted = predefined[split]
+        elif split in custom:
+            wanted = custom[split]
+        else:
+            raise DatasetError(
+                f"unknown split {split!r} for {self.dataroot / self.version}; available: "
+                f"{', '.join(self.split_names()) or 'none'} (custom splits go in {custom_file})"
+            )
+        present = {s["name"] for s in self.nusc.scene}
+        unknown = [s for s in wanted if s not in present]
+        if split in custom and unknown:
+            raise DatasetError(f"split {split!r} in {custom_file} names scenes not in the tables: {unknown[:5]}")
+        scenes = [s for s in wanted if s in present]
+        if not scenes:
+            raise DatasetError(f"split {split!r} has no scene in {self.dataroot / self.version}")
+        return scenes
+
+    def sample_tokens(self, split: str) -> list[str]:
+        """Sample tokens of a split, scene by scene in split order, each scene in time order."""
+        nusc = self.nusc
+        by_name = {s["name"]: s for s in nusc.scene}
+        tokens: list[str] = []
+        for name in self.scene_names(split):
+            token = by_name[name]["first_sample_token"]
+            while token:
+                tokens.append(token)
+                token = nusc.get("sample", token)["next"]
+        return tokens
+
+    # ----------------------------------------------------------------------------------------------- poses
+    def _pose(self, table: str, token: str) -> NDArray[np.float64]:
+        rec = self.nusc.get(table, token)
+        return make_pose(rec["rotation"], rec["translation"])
+
+    def global_from_sensor(self, sample_data_token: str) -> NDArray[np.float64]:
+        """global_from_ego(t_sensor) @ ego_from_sensor for one sample_data record."""
+        sd = self.nusc.get("sample_data", sample_data_token)
+        return self._pose("ego_pose", sd["ego_pose_token"]) @ self._pose(
+            "calibrated_sensor", sd["calibrated_sensor_token"]
+        )
+
+    # ----------------------------------------------------------------------------------------------- loading
+    def _sensor_path(self, sd: dict) -> Path:
+        path = self.dataroot / sd["filename"]
+        if not path.is_file():
+            raise DatasetError(f"sensor file of sample_data {sd['token']} ({sd['channel']}) is missing: {path}")
+        return path
+
+    def load_lidar(self, lidar_token: str) -> LidarSweeps:
+        """Key sweep + up to ``num_sweeps - 1`` earlier sweeps, in the key lidar frame, with time lags."""
+        nusc = self.nusc
+        key_sd = nusc.get("sample_data", lidar_token)
+        key_from_global = invert_pose(self.global_from_sensor(lidar_token))
+        chunks, paths = [], []
+        sd = key_sd
+        for _ in range(self.num_sweeps):
+            path = self._sensor_path(sd)
+            raw = read_pcd_bin(path)
+            pts = np.empty((len(raw), 5), dtype=np.float32)
+            if sd["token"] == lidar_token:
+                pts[:, :3] = raw[:, :3]
+            else:
+                key_from_sweep = key_from_global @ self.global_from_sensor(sd["token"])
+                pts[:, :3] = transform_points(key_from_sweep, raw[:, :3])
+            pts[:, 3] = raw[:, 3]
+            pts[:, 4] = (key_sd["timestamp"] - sd["timestamp"]) * 1e-6
+            chunks.append(pts)
+            paths.append(path)
+            if not sd["prev"]:
+                break
+            sd = nusc.get("sample_data", sd["prev"])
+        return LidarSweeps(points=np.concatenate(chunks), num_key_points=len(chunks[0]), sweep_paths=tuple(paths))
+
+    def load_cameras(self, sample: dict, lidar_token: str) -> tuple[CameraView, ...]:
+        nusc = self.nusc
+        global_from_lidar = self.global_from_sensor(lidar_token)
+        views = []
+        for channel in CAMERA_CHANNELS:
+            if channel not in sample["data"]:
+                raise DatasetError(f"sample {sample['token']} has no {channel} image")
+            sd = nusc.get("sample_data", sample["data"][channel])
+            calib = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+            intrinsics = np.asarray(calib["camera_intrinsic"], dtype=np.float64)
+            if intrinsics.shape != (3, 3):
+                raise DatasetError(
+                    f"calibrated_sensor {calib['token']} of {channel} has no 3x3 camera_intrinsic: {intrinsics}"
+                )
+            cam_from_lidar = invert_pose(self.global_from_sensor(sd["token"])) @ global_from_lidar
+            views.append(
+                CameraView(
+                    channel=channel,
+                    sample_data_token=sd["token"],
+                    image_path=self._sensor_path(sd),
+                    width=int(sd["width"]),
+                    height=int(sd["height"]),
+                    timestamp_us=int(sd["timestamp"]),
+                    intrinsics=intrinsics,
+                    cam_from_lidar=cam_from_lidar,
+                )
+            )
+        return tuple(views)
+
+    def load_gt(self, sample: dict, lidar_token: str) -> GtBoxes:
+        nusc = self.nusc
+        lidar_from_global = invert_pose(self.global_from_sensor(lidar_token))
+        anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
+        devkit_boxes = [nusc.get_box(a["token"]) for a in anns]
+        velocities = np.array([nusc.box_velocity(a["token"])[:2] for a in anns], dtype=np.float64).reshape(-1, 2)
+        boxes = boxes_from_nuscenes(devkit_boxes, lidar_from_global, velocities)
+        labels, attributes = [], []
+        for a in anns:
+            det = detection_name_of_category(a["category_name"])
+            labels.append(DETECTION_CLASSES.index(det) if det is not None else -1)
+            if len(a["attribute_tokens"]) > 1:
+                raise DatasetError(f"sample_annotation {a['token']} has more than one attribute")
+            attributes.append(nusc.get("attribute", a["attribute_tokens"][0])["name"] if a["attribute_tokens"] else "")
+        return GtBoxes(
+            boxes=boxes,
+            labels=np.asarray(labels, dtype=np.int64),
+            category_names=tuple(a["category_name"] for a in anns),
+            attribute_names=tuple(attributes),
+            num_lidar_pts=np.asarray([a["num_lidar_pts"] for a in anns], dtype=np.int64),
+            num_radar_pts=np.asarray([a["num_radar_pts"] for a in anns], dtype=np.int64),
+            annotation_tokens=tuple(a["token"] for a in anns),
+            instance_tokens=tuple(a["instance_token"] for a in anns),
+        )
+
+    def load_sample(self, token: str) -> SampleFrame:
+        """Everything a sample holds, in the key lidar frame."""
+        nusc = self.nusc
+        try:
+            sample = nusc.get("sample", token)
+        except KeyError:
+            raise DatasetError(f"sample token {token!r} is not in {self.dataroot / self.version}") from None
+        if LIDAR_CHANNEL not in sample["data"]:
+            raise DatasetError(f"sample {token} has no {LIDAR_CHANNEL} sweep")
+        lidar_token = sample["data"][LIDAR_CHANNEL]
+        lidar_sd = nusc.get("sample_data", lidar_token)
+        return SampleFrame(
+            token=token,
+            scene_name=nusc.get("scene", sample["scene_token"])["name"],
+            timestamp_us=int(sample["timestamp"]),
+            lidar_sample_data_token=lidar_token,
+            ego_from_lidar=self._pose("calibrated_sensor", lidar_sd["calibrated_sensor_token"]),
+            global_from_ego=self._pose("ego_pose", lidar_sd["ego_pose_token"]),
+            lidar=self.load_lidar(lidar_token),
+            cameras=self.load_cameras(sample, lidar_token),
+            gt=self.load_gt(sample, lidar_token),
+        )
+
+    def load_split(self, split: str) -> Sequence[SampleFrame]:
+        """All samples of a split (for small data; stages iterate over ``sample_tokens`` instead)."""
+        return [self.load_sample(t) for t in self.sample_tokens(split)]
+
+
+def _predefined_splits_of(version: str) -> frozenset[str]:
+    """The devkit's predefined splits that its evaluation accepts for a version (loaders.load_gt's rule)."""
+    if version.endswith("trainval"):
+        return frozenset({"train", "val", "train_detect", "train_track"})
+    if version.endswith("mini"):
+        return frozenset({"mini_train", "mini_val"})
+    if version.endswith("test"):
+        return frozenset({"test"})
+    return frozenset()
+
+
+def _load_custom_splits(path: Path) -> dict[str, list[str]]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"custom split file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()
+    ):
+        raise DatasetError(f"custom split file {path} must map split names to lists of scene names")
+    return data
