@@ -1,0 +1,94 @@
+"""Stage configurations: frozen keyword-only dataclasses, validated when built, with named presets.
+
+Each field has a docstring-style comment; ``__post_init__`` names the field at fault. The resolved configuration is
+written beside every output (``to_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Preset", "SynthConfig", "synth_preset"]
+
+Preset = Literal["demo", "nuscenes"]
+
+
+def _require(condition: bool, cls: str, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{cls}.{field}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    """A synthetic nuScenes-format dataset (``tigbev synth``)."""
+
+    out_dir: Path
+    """Dataroot to create; must not exist or be empty."""
+    scenes: int = 12
+    """Number of scenes (each its own road, traffic and ego speed)."""
+    samples_per_scene: int = 10
+    """Annotated key frames per scene, 0.5 s apart (nuScenes' 2 Hz)."""
+    val_scenes: int = 2
+    """How many of the last scenes form the ``synth_val`` split; the others form ``synth_train``."""
+    seed: int = 0
+    """Everything written is a deterministic function of the configuration and this seed."""
+    image_width: int = 480
+    """Camera image width in pixels; intrinsics are the nuScenes rig's (1600 x 900) scaled to this size."""
+    image_height: int = 270
+    """Camera image height in pixels."""
+    sweeps_per_sample: int = 2
+    """Non-key LiDAR sweeps between consecutive key frames, evenly spaced in time."""
+    lidar_azimuth_steps: int = 1084
+    """Horizontal resolution of the 32-beam LiDAR (1084 = 0.33 deg, nuScenes' HDL-32E at 20 Hz)."""
+    object_density: float = 1.0
+    """Scales the number of objects beyond one of each class per scene."""
+    jpeg_quality: int = 92
+    """JPEG quality of the camera images."""
+    workers: int = 2
+    """Processes that render scenes in parallel (scenes are independent)."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        _require(self.scenes >= 1, name, "scenes", f"must be >= 1, got {self.scenes}")
+        _require(self.samples_per_scene >= 2, name, "samples_per_scene",
+                 f"must be >= 2 so that every annotation has a linked neighbour (velocity), got "
+                 f"{self.samples_per_scene}")
+        _require(0 <= self.val_scenes <= self.scenes, name, "val_scenes",
+                 f"must be in [0, scenes], got {self.val_scenes} for {self.scenes} scenes")
+        _require(self.image_width >= 32 and self.image_height >= 18, name, "image_width/image_height",
+                 f"must be at least 32 x 18, got {self.image_width} x {self.image_height}")
+        _require(self.sweeps_per_sample >= 0, name, "sweeps_per_sample", f"must be >= 0, got {self.sweeps_per_sample}")
+        _require(self.lidar_azimuth_steps >= 90, name, "lidar_azimuth_steps",
+                 f"must be >= 90, got {self.lidar_azimuth_steps}")
+        _require(self.object_density >= 0, name, "object_density", f"must be >= 0, got {self.object_density}")
+        _require(1 <= self.jpeg_quality <= 100, name, "jpeg_quality", f"must be in [1, 100], got {self.jpeg_quality}")
+        _require(self.workers >= 1, name, "workers", f"must be >= 1, got {self.workers}")
+
+    @property
+    def train_split(self) -> str:
+        return "synth_train"
+
+    @property
+    def val_split(self) -> str:
+        return "synth_val"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+def synth_preset(preset: Preset, out_dir: Path, **overrides: Any) -> SynthConfig:
+    """The synthetic dataset of a preset: ``demo`` is small images for CPU runs, ``nuscenes`` full-size images."""
+    match preset:
+        case "demo":
+            base: dict[str, Any] = {}
+        case "nuscenes":
+            base = {"image_width": 1600, "image_height": 900, "sweeps_per_sample": 9}
+        case _:
+            raise ValueError(f"unknown preset {preset!r}; choose 'demo' or 'nuscenes'")
+    return SynthConfig(out_dir=out_dir, **{**base, **overrides})
