@@ -31,8 +31,9 @@ class SynthConfig:
     """Number of scenes (each its own road, traffic and ego speed)."""
     samples_per_scene: int = 10
     """Annotated key frames per scene, 0.5 s apart (nuScenes' 2 Hz)."""
-    val_scenes: int = 2
-    """How many of the last scenes form the ``synth_val`` split; the others form ``synth_train``."""
+    val_scenes: int | None = None
+    """How many of the last scenes form the ``synth_val`` split, the others ``synth_train``; by default a sixth
+    of the scenes, at least one (with one scene, that scene is the val split and synth_train is empty)."""
     seed: int = 0
     """Everything written is a deterministic function of the configuration and this seed."""
     image_width: int = 480
@@ -57,6 +58,8 @@ class SynthConfig:
         _require(self.samples_per_scene >= 2, name, "samples_per_scene",
                  f"must be >= 2 so that every annotation has a linked neighbour (velocity), got "
                  f"{self.samples_per_scene}")
+        if self.val_scenes is None:
+            object.__setattr__(self, "val_scenes", max(1, round(self.scenes / 6)) if self.scenes > 1 else 1)
         _require(0 <= self.val_scenes <= self.scenes, name, "val_scenes",
                  f"must be in [0, scenes], got {self.val_scenes} for {self.scenes} scenes")
         _require(self.image_width >= 32 and self.image_height >= 18, name, "image_width/image_height",

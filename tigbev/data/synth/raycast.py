@@ -165,9 +165,9 @@ def _lidar_windows(model: LidarModel, lidar_from_global: NDArray[np.float64], pa
 
 
 def cast_lidar(scene: Scene, t_s: float, global_from_lidar: NDArray[np.float64], model: LidarModel,
-               rng: np.random.Generator) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
-    """One sweep at time t: points (N, 5) float32 (x, y, z in the lidar frame, intensity 0..255, ring index) and
-    the visible fraction of each object (num_objects,): rays that reach it over rays that would without occluders.
+               rng: np.random.Generator) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
+    """One sweep at time t: points (N, 5) float32 (x, y, z in the lidar frame, intensity 0..255, ring index),
+    and per object (num_objects,) the rays that reach it and the rays that would reach it without occluders.
     """
     parts, owners = scene.parts_at(t_s)
     lidar_from_global = invert_pose(global_from_lidar)
@@ -189,9 +189,7 @@ def cast_lidar(scene: Scene, t_s: float, global_from_lidar: NDArray[np.float64],
     intensity = np.clip(255.0 * refl * (0.25 + 0.75 * cos_inc) + rng.normal(0.0, 2.0, t_keep.shape), 0.0, 255.0)
     pts = np.concatenate([xyz_lidar, np.round(intensity)[:, None], ring[:, None]], axis=1)
     visible = np.bincount(owners[hits.part[hits.part >= 0]], minlength=len(scene.objects))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        visible_fraction = np.where(hits.rays_on_object > 0, visible / np.maximum(hits.rays_on_object, 1), 0.0)
-    return pts.astype(np.float32), visible_fraction
+    return pts.astype(np.float32), visible, hits.rays_on_object
 
 
 def _hit_normals(dirs: NDArray[np.float64], hits: Hits, parts: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -30,7 +30,7 @@ from tigbev.config import SynthConfig
 from tigbev.data.classes import ATTRIBUTES
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL
 from tigbev.data.synth.raycast import CameraModel, LidarModel, cast_lidar, render_camera
-from tigbev.data.synth.world import make_scene
+from tigbev.data.synth.world import Scene, make_scene
 from tigbev.errors import DatasetError
 from tigbev.geometry import (
     invert_pose,
@@ -62,6 +62,7 @@ _CAMERA_RIG: dict[str, tuple[tuple[float, float, float], float, float, tuple[flo
     "CAM_BACK_RIGHT": ((1.04, -0.48, 1.56), -110.0, 1259.0, (807.0, 501.0)),
 }
 _NUSCENES_IMAGE_WH = (1600, 900)
+_SCENE_ATTEMPTS = 10  # redraws of a scene until every class is observable (practically always within 3)
 
 _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("human.pedestrian.adult", "Adult walking, standing or sitting."),
@@ -165,16 +166,19 @@ def _render_scene(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, lis
     start_us = _EPOCH_US + scene_idx * 3_600_000_000
     n = cfg.samples_per_scene
     key_times_s = np.arange(n) * SAMPLE_PERIOD_US * 1e-6
-    scene = make_scene(rng, times_s=key_times_s,
-                       scene_origin_xy=np.array([300.0 + 97.0 * scene_idx, 900.0 + 53.0 * scene_idx]),
-                       density=cfg.object_density)
+    ego_from_lidar = make_pose(quat_wxyz_from_yaw(math.radians(_LIDAR_YAW_DEG)), _LIDAR_TRANSLATION)
+    lidar = LidarModel(azimuth_steps=cfg.lidar_azimuth_steps)
+    origin = np.array([300.0 + 97.0 * scene_idx, 900.0 + 53.0 * scene_idx])
+    for _ in range(_SCENE_ATTEMPTS):
+        scene = make_scene(rng, times_s=key_times_s, scene_origin_xy=origin, density=cfg.object_density)
+        if _every_class_observable(scene, key_times_s[n // 2], ego_from_lidar, lidar, rng):
+            break
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in (
         "log", "scene", "sample", "sample_data", "ego_pose", "calibrated_sensor", "sample_annotation", "instance")}
     log_token = tok("log")
     rows["log"].append({"token": log_token, "logfile": log_name, "vehicle": "synth-ego", "location": "synth-city",
                         "date_captured": "2023-11-14"})
     # One calibration per sensor per scene (as nuScenes has per log).
-    ego_from_lidar = make_pose(quat_wxyz_from_yaw(math.radians(_LIDAR_YAW_DEG)), _LIDAR_TRANSLATION)
     calib = {LIDAR_CHANNEL: (ego_from_lidar, None)}
     for channel in CAMERA_CHANNELS:
         calib[channel] = _camera_pose_and_intrinsics(channel, rng, cfg.image_width, cfg.image_height)
@@ -186,7 +190,6 @@ def _render_scene(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, lis
         })
     sample_tokens = [tok("sample", i) for i in range(n)]
     key_us = [start_us + i * SAMPLE_PERIOD_US for i in range(n)]
-    lidar = LidarModel(azimuth_steps=cfg.lidar_azimuth_steps)
 
     # LiDAR: key sweeps and the sweeps before each of them, one time-ordered chain of sample_data.
     lidar_records: list[dict[str, Any]] = []
@@ -197,7 +200,7 @@ def _render_scene(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, lis
             ts = key_us[i] - round(j * SAMPLE_PERIOD_US / (cfg.sweeps_per_sample + 1))
             t_s = (ts - start_us) * 1e-6
             global_from_lidar = scene.ego_pose_at(t_s) @ ego_from_lidar
-            pts, visible = cast_lidar(scene, t_s, global_from_lidar, lidar, rng)
+            pts, visible, unoccluded = cast_lidar(scene, t_s, global_from_lidar, lidar, rng)
             is_key = j == 0
             folder = "samples" if is_key else "sweeps"
             filename = f"{folder}/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{ts}.pcd.bin"
@@ -210,7 +213,8 @@ def _render_scene(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, lis
                 "is_key_frame": is_key, "height": 0, "width": 0, "filename": filename, "channel": LIDAR_CHANNEL,
             })
             if is_key:
-                key_visibility[i], key_points[i] = visible, pts
+                key_visibility[i] = visible / np.maximum(unoccluded, 1)
+                key_points[i] = pts
     _link(lidar_records)
 
     # Cameras fire as the spinning LiDAR sweeps past them: a per-camera offset within the 50 ms revolution.
@@ -273,6 +277,26 @@ def _render_scene(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, lis
         "description": f"synthetic road, ego {scene.ego_speed_mps:.1f} m/s, {len(scene.objects)} objects",
     })
     return rows
+
+
+def _every_class_observable(scene: Scene, t_s: float, ego_from_lidar: NDArray[np.float64], lidar: LidarModel,
+                            rng: np.random.Generator) -> bool:
+    """Whether each detection class has an object within its evaluation range that the LiDAR hits at time t.
+
+    Scenes are redrawn until this holds, so that every split can score all 10 classes (DetectionEval ranges and
+    drops boxes without points).
+    """
+    from nuscenes.eval.detection.config import config_factory
+
+    class_range = config_factory("detection_cvpr_2019").class_range
+    global_from_ego = scene.ego_pose_at(t_s)
+    _, visible, _ = cast_lidar(scene, t_s, global_from_ego @ ego_from_lidar, lidar, rng)
+    seen: set[str] = set()
+    for obj, rays in zip(scene.objects, visible):
+        dist = float(np.linalg.norm(obj.center_at(t_s)[:2] - global_from_ego[:2, 3]))
+        if rays >= 3 and dist < class_range[obj.cls] - 2.0:
+            seen.add(obj.cls)
+    return seen == set(class_range)
 
 
 def _link(records: list[dict[str, Any]]) -> None:

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real nuScenes key frame in /work/shared (referenced by path, never copied into the project)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.data.types import SampleFrame
+
+# <project root>/../shared/data/nuscenes-real-slice; CI has the same relative layout.
+REAL_SLICE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuscenes-real-slice"
+
+
+@pytest.fixture(scope="session")
+def real_slice_root() -> Path:
+    if not (REAL_SLICE_ROOT / "v1.0-mini").is_dir():
+        pytest.skip(f"real nuScenes slice not found at {REAL_SLICE_ROOT} (its licence keeps it out of the repo)")
+    return REAL_SLICE_ROOT
+
+
+@pytest.fixture(scope="session")
+def real_reader(real_slice_root: Path) -> NuScenesReader:
+    return NuScenesReader(real_slice_root)
+
+
+@pytest.fixture(scope="session")
+def real_frame(real_reader: NuScenesReader) -> SampleFrame:
+    (token,) = real_reader.sample_tokens("real_slice")
+    return real_reader.load_sample(token)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic dataroot (2 scenes x 3 samples, small images) shared by the tests of a session."""
+    from tigbev.config import SynthConfig
+    from tigbev.data.synth.writer import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "dataroot"
+    cfg = SynthConfig(out_dir=out, scenes=2, samples_per_scene=3, val_scenes=1, seed=7, image_width=192,
+                      image_height=108, lidar_azimuth_steps=720, sweeps_per_sample=1, workers=1)
+    write_synthetic_dataset(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_reader(synth_root: Path) -> NuScenesReader:
+    return NuScenesReader(synth_root, num_sweeps=3)
