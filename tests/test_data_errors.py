@@ -90,3 +90,23 @@ def test_invalid_custom_splits_json(slice_copy: Path):
         with pytest.raises(DatasetError, match="not valid JSON") as info:
             call()
         assert str(splits) in str(info.value)
+
+
+def test_corrupt_table_names_the_file(tmp_path: Path, real_slice_root: Path) -> None:
+    root = tmp_path / "slice"
+    shutil.copytree(real_slice_root, root)
+    table = root / "v1.0-mini" / "sample_annotation.json"
+    table.write_text(table.read_text()[:-20])
+    with pytest.raises(DatasetError, match="sample_annotation.json"):
+        NuScenesReader(root).sample_tokens("mini_train")
+
+
+def test_unreadable_image_is_a_dataset_error(tmp_path: Path, real_slice_root: Path) -> None:
+    root = tmp_path / "slice"
+    shutil.copytree(real_slice_root, root)
+    reader = NuScenesReader(root)
+    frame = reader.load_sample(reader.sample_tokens("mini_train")[0])
+    cam = frame.camera("CAM_FRONT")
+    cam.image_path.write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match="CAM_FRONT"):
+        cam.load_image()

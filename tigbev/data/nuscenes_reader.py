@@ -108,7 +108,10 @@ class NuScenesReader:
             # The devkit prints table statistics on load even when verbose=False for some tables.
             with contextlib.redirect_stdout(io.StringIO()):
                 return NuScenes(version=self.version, dataroot=str(self.dataroot), verbose=False)
-        except (AssertionError, KeyError, json.JSONDecodeError) as exc:
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"table file {_first_bad_table(self.dataroot / self.version)} is not valid JSON: "
+                               f"{exc}") from exc
+        except (AssertionError, KeyError) as exc:
             raise DatasetError(f"nuscenes-devkit cannot load {self.dataroot / self.version}: {exc!r}") from exc
 
     # ----------------------------------------------------------------------------------------------- splits
@@ -292,6 +295,16 @@ class NuScenesReader:
     def load_split(self, split: str) -> Sequence[SampleFrame]:
         """All samples of a split (for small data; stages iterate over ``sample_tokens`` instead)."""
         return [self.load_sample(t) for t in self.sample_tokens(split)]
+
+
+def _first_bad_table(table_dir: Path) -> Path | str:
+    """The first table file of a folder that does not parse (to name it in an error)."""
+    for path in sorted(table_dir.glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return path
+    return table_dir
 
 
 def _predefined_splits_of(version: str) -> frozenset[str]:

@@ -57,13 +57,17 @@ class CameraView:
         """The image as (H, W, 3) uint8 RGB."""
         from PIL import Image
 
+        from tigbev.errors import DatasetError
+
+        if not self.image_path.is_file():
+            raise DatasetError(f"camera image of {self.channel} is missing: {self.image_path}")
         try:
             with Image.open(self.image_path) as img:
                 arr = np.asarray(img.convert("RGB"))
         except (OSError, SyntaxError) as exc:  # PIL raises SyntaxError for some corrupt headers
-            raise ValueError(f"cannot read camera image {self.image_path}: {exc}") from exc
+            raise DatasetError(f"cannot read camera image {self.image_path}: {exc}") from exc
         if arr.shape[:2] != (self.height, self.width):
-            raise ValueError(
+            raise DatasetError(
                 f"camera image {self.image_path} is {arr.shape[1]}x{arr.shape[0]}, but sample_data says "
                 f"{self.width}x{self.height}"
             )
