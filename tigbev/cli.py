@@ -63,6 +63,44 @@ def synth(
     )
 
 
+@app.command("train-teacher")
+def train_teacher(
+    preset: Annotated[str, typer.Option(help="Model + defaults: 'demo' (CPU-sized) or 'nuscenes' (published).")],
+    dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
+    split: Annotated[str, typer.Option(help="Training split (predefined or from splits.json).")],
+    out: Annotated[Path, typer.Option(help="Run directory (new, or an existing one with --resume).")],
+    val_split: Annotated[str | None, typer.Option(help="Evaluate the final model on this split.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default: the preset's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Samples per step (default: the preset's).")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Peak one-cycle learning rate (default: preset's).")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    no_augment: Annotated[bool, typer.Option(help="Disable rotation/scale/flip augmentation.")] = False,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps (smoke runs).")] = None,
+) -> None:
+    """Train the CenterPoint LiDAR teacher; checkpoints, metrics log and loss curve go to OUT."""
+    from tigbev.config import TrainTeacherConfig, train_teacher_defaults
+    from tigbev.stages import train_teacher as stage
+
+    try:
+        defaults = train_teacher_defaults(preset)  # type: ignore[arg-type]
+        overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+        cfg = TrainTeacherConfig(
+            preset=preset, dataroot=dataroot, split=split, out_dir=out, val_split=val_split, workers=workers,
+            seed=seed, device=device, resume=resume, augment=not no_augment, max_steps=max_steps,
+            **{**defaults, **overrides},
+        )
+        result = stage.run(cfg)
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"teacher: {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}, "
+               f"checkpoint {result.checkpoint}")
+    if result.metrics is not None:
+        typer.echo(f"{val_split}: mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

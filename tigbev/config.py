@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Preset", "SynthConfig", "synth_preset"]
+__all__ = ["Preset", "SynthConfig", "TrainTeacherConfig", "synth_preset", "train_teacher_defaults"]
 
 Preset = Literal["demo", "nuscenes"]
 
@@ -95,3 +95,64 @@ def synth_preset(preset: Preset, out_dir: Path, **overrides: Any) -> SynthConfig
         case _:
             raise ValueError(f"unknown preset {preset!r}; choose 'demo' or 'nuscenes'")
     return SynthConfig(out_dir=out_dir, **{**base, **overrides})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainTeacherConfig:
+    """Training of the CenterPoint LiDAR teacher (``tigbev train-teacher``)."""
+
+    preset: Preset
+    """Model and default hyper-parameters: ``demo`` (CPU-sized) or ``nuscenes`` (METHOD.md section 2)."""
+    dataroot: Path
+    """nuScenes-format dataroot."""
+    split: str
+    """Training split (predefined, or custom in splits.json)."""
+    out_dir: Path
+    """Run directory: checkpoints, config, metrics log, loss curve, evaluation."""
+    val_split: str | None = None
+    """When set, the final model is evaluated on this split with the official metrics."""
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 2e-3
+    """Peak learning rate of the one-cycle schedule (AdamW)."""
+    weight_decay: float = 0.01
+    grad_clip: float = 35.0
+    """Gradient-norm clip (CenterPoint's 35)."""
+    workers: int = 1
+    """DataLoader worker processes."""
+    seed: int = 0
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', or 'cuda[:N]'."""
+    resume: bool = False
+    """Continue from ``out_dir/last.pt``."""
+    augment: bool = True
+    """Global rotation +-22.5 deg, scale 0.95..1.05 and x/y flips on points and boxes."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps in total (smoke tests)."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in ("dataroot", "out_dir"):
+            object.__setattr__(self, f, Path(getattr(self, f)))
+        _require(self.preset in ("demo", "nuscenes"), name, "preset", f"must be 'demo' or 'nuscenes', got "
+                                                                     f"{self.preset!r}")
+        _require(self.epochs >= 1, name, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, name, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, name, "lr", f"must be > 0, got {self.lr}")
+        _require(self.workers >= 0, name, "workers", f"must be >= 0, got {self.workers}")
+        _require(self.max_steps is None or self.max_steps >= 1, name, "max_steps", "must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(dataroot=str(self.dataroot), out_dir=str(self.out_dir))
+        return d
+
+
+def train_teacher_defaults(preset: Preset) -> dict[str, Any]:
+    """Hyper-parameters of a preset: nuscenes follows mmdetection3d's CenterPoint (AdamW 1e-4 peak, 20 epochs)."""
+    match preset:
+        case "demo":
+            return {"epochs": 20, "batch_size": 4, "lr": 2e-3}
+        case "nuscenes":
+            return {"epochs": 20, "batch_size": 4, "lr": 1e-4}
+    raise ValueError(f"unknown preset {preset!r}")

@@ -9,6 +9,7 @@ __all__ = [
     "CLASS_ATTRIBUTES",
     "DEFAULT_ATTRIBUTE",
     "DETECTION_CLASSES",
+    "attribute_from_velocity",
     "class_index",
     "detection_name_of_category",
 ]
@@ -80,3 +81,14 @@ def detection_name_of_category(category_name: str) -> str | None:
     from nuscenes.eval.detection.utils import category_to_detection_name
 
     return category_to_detection_name(category_name)
+
+
+def attribute_from_velocity(name: str, speed_mps: float, moving_above_mps: float = 0.2) -> str:
+    """The attribute a detector without an attribute branch reports: motion decides (as mmdetection3d does)."""
+    if name in ("car", "truck", "construction_vehicle", "bus", "trailer"):
+        return "vehicle.moving" if speed_mps > moving_above_mps else DEFAULT_ATTRIBUTE[name]
+    if name in ("motorcycle", "bicycle"):
+        return "cycle.with_rider" if speed_mps > moving_above_mps else DEFAULT_ATTRIBUTE[name]
+    if name == "pedestrian":
+        return "pedestrian.moving" if speed_mps > moving_above_mps else "pedestrian.standing"
+    return ""

@@ -1,0 +1,1 @@
+"""Glue around the stages: provenance, run directories, plots, device choice."""

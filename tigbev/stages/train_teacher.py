@@ -1,0 +1,168 @@
+"""Stage: train the CenterPoint LiDAR teacher (``tigbev train-teacher``).
+
+Run directory: ``config.json`` (resolved), ``last.pt`` (weights + config + provenance + optimiser state),
+``metrics.jsonl`` (one line per logged step and per epoch), ``loss_curve.png``, and with a val split ``eval/``
+(result JSON, devkit output, ``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from tigbev.config import TrainTeacherConfig
+from tigbev.data.augment import BevAugmentPolicy
+from tigbev.data.lidar_dataset import LidarDetectionDataset, collate_lidar
+from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.data.types import SampleFrame
+from tigbev.errors import TigbevError
+from tigbev.models.heads import numpy_detections
+from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
+from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
+from tigbev.pipeline.detection_eval import evaluate_split
+from tigbev.pipeline.plots import plot_loss_curves
+from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+
+__all__ = ["TrainTeacherResult", "lidar_predictor", "run"]
+
+_LOG_EVERY = 10
+
+
+@dataclass(frozen=True)
+class TrainTeacherResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    metrics: dict[str, Any] | None
+
+
+def lidar_predictor(model: CenterPoint, device: torch.device):
+    """A PredictFn for evaluate_split: frames -> decoded boxes in each frame's lidar frame."""
+
+    def predict(frames: list[SampleFrame]):
+        points = [torch.from_numpy(f.lidar.points).to(device) for f in frames]
+        with torch.inference_mode():
+            out = model(points)
+            return [numpy_detections(d) for d in model.head.decode(out.preds)]
+
+    return predict
+
+
+def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    out = cfg.out_dir
+    ckpt_path = out / "last.pt"
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise TigbevError(f"run directory {out} is not empty; pass --resume to continue it or choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    model_cfg = teacher_preset(cfg.preset)
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "teacher": model_cfg.to_dict()})
+
+    reader = NuScenesReader(cfg.dataroot, num_sweeps=model_cfg.num_sweeps)
+    tokens = reader.sample_tokens(cfg.split)
+    dataset = LidarDetectionDataset(reader, tokens, model_cfg.point_range_m,
+                                     augment=BevAugmentPolicy() if cfg.augment else None, seed=cfg.seed)
+    model = CenterPoint(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = (len(dataset) + cfg.batch_size - 1) // cfg.batch_size
+    schedule_steps = cfg.epochs * steps_per_epoch
+    # max_steps stops early without changing the schedule, so a resumed run continues the same curve.
+    total_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=schedule_steps,
+                                                    pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
+    epoch0, step = 0, 0
+    if cfg.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt["train_config"]["preset"] != cfg.preset:
+            raise TigbevError(f"{ckpt_path} was trained with preset {ckpt['train_config']['preset']!r}, not "
+                              f"{cfg.preset!r}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        epoch0, step = ckpt["epoch"], ckpt["step"]
+
+    log_path = out / "metrics.jsonl"
+    history: dict[str, list[float]] = {"total": [], "heatmap": [], "bbox": []}
+    history_steps: list[int] = []
+    if log_path.exists():  # a resumed run keeps its curve
+        for line in log_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "step":
+                history_steps.append(rec["step"])
+                for k in history:
+                    history[k].append(rec[k])
+    last_loss = float("nan")
+    model.train()
+    with log_path.open("a") as log:
+        for epoch in range(epoch0, cfg.epochs):
+            if step >= total_steps:
+                break
+            dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_lidar,
+                                num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                persistent_workers=False)
+            bar = tqdm(loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress)
+            sums = {k: 0.0 for k in history}
+            n = 0
+            for batch in bar:
+                batch = batch.to(device)
+                # forward -> named losses -> weighted sum -> stop on non-finite -> backward -> clip -> step
+                output = model(batch.points)
+                targets = model.head.build_targets(batch.boxes, batch.labels)
+                losses = model.head.loss(output.preds, targets)
+                loss = losses["heatmap"] + losses["bbox"]
+                if not torch.isfinite(loss):
+                    raise TigbevError(f"non-finite teacher loss at step {step} (samples {batch.tokens}): "
+                                      f"{ {k: float(v) for k, v in losses.items()} }")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                last_loss = float(loss.detach())
+                values = {"total": last_loss, **{k: float(v.detach()) for k, v in losses.items()}}
+                for k, v in values.items():
+                    sums[k] += v
+                n += 1
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                if step % _LOG_EVERY == 0 or step == total_steps:
+                    log.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, **values,
+                                          "lr": scheduler.get_last_lr()[0]}) + "\n")
+                    log.flush()
+                    history_steps.append(step)
+                    for k, v in values.items():
+                        history[k].append(v)
+                if step >= total_steps:
+                    break
+            log.write(json.dumps({"kind": "epoch", "epoch": epoch, "step": step,
+                                  **{k: v / max(n, 1) for k, v in sums.items()}}) + "\n")
+            log.flush()
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "teacher_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
+                "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)),
+                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            })
+    if history_steps:
+        plot_loss_curves(out / "loss_curve.png", history_steps, history, f"CenterPoint teacher ({cfg.preset})")
+    metrics = None
+    if cfg.val_split is not None:
+        model.eval()
+        eval_reader = NuScenesReader(cfg.dataroot, num_sweeps=model_cfg.num_sweeps)
+        metrics = evaluate_split(lidar_predictor(model, device), eval_reader, cfg.val_split, out / "eval",
+                                 batch_size=cfg.batch_size, use_camera=False, use_lidar=True, progress=progress)
+    return TrainTeacherResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
+                              final_loss=last_loss, metrics=metrics)
+
