@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Preset", "SynthConfig", "TrainTeacherConfig", "synth_preset", "train_teacher_defaults"]
+__all__ = ["ExtractTeacherConfig", "Preset", "SynthConfig", "TrainTeacherConfig", "synth_preset", "train_teacher_defaults"]
 
 Preset = Literal["demo", "nuscenes"]
 
@@ -156,3 +156,54 @@ def train_teacher_defaults(preset: Preset) -> dict[str, Any]:
         case "nuscenes":
             return {"epochs": 20, "batch_size": 4, "lr": 1e-4}
     raise ValueError(f"unknown preset {preset!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractTeacherConfig:
+    """Stage one (``tigbev extract-teacher``): run the frozen teacher once over a split and write the cache."""
+
+    teacher_checkpoint: Path
+    """A tigbev teacher checkpoint (train-teacher's last.pt)."""
+    dataroot: Path
+    split: str
+    out: str
+    """Cache location: a local directory or an fsspec URL (s3://, gs://, memory://)."""
+    features: Literal["dense", "foreground"] = "foreground"
+    """Store the whole teacher map, or only the cells around each enlarged GT box (what the losses read)."""
+    feature_dtype: Literal["float16", "int8"] = "float16"
+    """int8: per-sample, per-channel symmetric quantisation (foreground mode only)."""
+    shard_samples: int = 8
+    """Samples per shard: the unit of writing, resuming and parallel work."""
+    batch_size: int = 2
+    """Teacher batch size; must divide shard_samples so that batches never straddle shards."""
+    workers: int = 1
+    """DataLoader processes reading and projecting LiDAR while the teacher runs."""
+    device: str = "auto"
+    shard_index: int = 0
+    """This process's part of the work (``--shard I/N``): a contiguous block of shards."""
+    num_parts: int = 1
+    keypoint_enlarge_m: float = 1.6
+    keypoint_grid: int = 24
+    min_depth_m: float = 0.5
+    """LiDAR points nearer to a camera than this are not stored as depth."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in ("teacher_checkpoint", "dataroot"):
+            object.__setattr__(self, f, Path(getattr(self, f)))
+        object.__setattr__(self, "out", str(self.out))
+        _require(self.features in ("dense", "foreground"), name, "features", f"got {self.features!r}")
+        _require(self.feature_dtype in ("float16", "int8"), name, "feature_dtype", f"got {self.feature_dtype!r}")
+        _require(not (self.features == "dense" and self.feature_dtype == "int8"), name, "feature_dtype",
+                 "int8 needs features='foreground'")
+        _require(self.shard_samples >= 1, name, "shard_samples", "must be >= 1")
+        _require(self.batch_size >= 1 and self.shard_samples % self.batch_size == 0, name, "batch_size",
+                 f"must divide shard_samples ({self.shard_samples}), got {self.batch_size}")
+        _require(0 <= self.shard_index < self.num_parts, name, "shard_index/num_parts",
+                 f"need 0 <= I < N, got {self.shard_index}/{self.num_parts}")
+        _require(self.keypoint_grid >= 2, name, "keypoint_grid", "must be >= 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(teacher_checkpoint=str(self.teacher_checkpoint), dataroot=str(self.dataroot))
+        return d

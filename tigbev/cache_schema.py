@@ -1,0 +1,224 @@
+"""The on-disk contract of the teacher cache: the one place that defines it. No torch import.
+
+A cache is a zarr v3 group (a local path or an fsspec URL)::
+
+    CACHE/zarr.json                       group; attributes["tigbev_cache"] = the manifest (below)
+    CACHE/done                            (N,) uint8   per-sample done flags, one chunk per sample shard
+    CACHE/bev                             (N, C, H, W) teacher BEV map, dense mode only; one zarr shard per
+                                          sample shard, one chunk per sample
+    CACHE/shards/<k:06d>/boxes            (M_k, 10) float32   x, y, z, l, w, h, yaw, vx, vy, label
+    CACHE/shards/<k:06d>/keypoints        (M_k, K, 2) float32 metric (x, y) of each box's keypoints
+    CACHE/shards/<k:06d>/depth            (P_k, 5) float32    u, v (original image pixels), depth (m),
+                                          GT box index within the sample (-1: none), camera index
+    CACHE/shards/<k:06d>/fg_cells         (F_k,) int32        flat index iy * W + ix of stored map cells
+    CACHE/shards/<k:06d>/fg_features      (F_k, C) float16 | int8  teacher features of those cells
+    CACHE/shards/<k:06d>/fg_scale         (S_k, C) float32    int8 only: per-sample, per-channel scale
+    CACHE/shards/<k:06d>/index.parquet    one row per sample of the shard (INDEX_COLUMNS)
+    CACHE/index.parquet                   all rows, written when the cache is complete
+
+Everything is in the **un-augmented key lidar frame** of each sample; BEV maps are (C, H, W) with rows = y and
+columns = x on ``manifest.grid`` (docs/COORDINATES.md). Samples are grouped in shards of ``shard_samples``
+consecutive samples; a shard's data is written by exactly one writer, in one go, and its done flags are set only
+after all its data is written, so a killed extraction resumes shard by shard and parallel writers never share a
+chunk. Every chunk carries a crc32c checksum.
+
+Foreground mode stores, instead of the dense map, every cell that bilinear sampling at any keypoint touches (plus
+the cells under each enlarged box), so keypoint features read back from the cache equal those sampled from the
+dense map. int8 quantises each channel symmetrically with a per-sample scale (max |value| / 127).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final, Literal
+
+__all__ = [
+    "BOX_COLUMNS",
+    "CACHE_ATTR",
+    "DEPTH_COLUMNS",
+    "FORMAT_VERSION",
+    "INDEX_COLUMNS",
+    "CacheFormatError",
+    "DatasetFingerprint",
+    "FeatureStorage",
+    "Manifest",
+    "TeacherFingerprint",
+    "shard_path",
+]
+
+FORMAT_VERSION: Final[int] = 1
+CACHE_ATTR: Final[str] = "tigbev_cache"
+BOX_COLUMNS: Final[tuple[str, ...]] = ("x_m", "y_m", "z_m", "l_m", "w_m", "h_m", "yaw_rad", "vx_mps", "vy_mps",
+                                        "label")
+DEPTH_COLUMNS: Final[tuple[str, ...]] = ("u_px", "v_px", "depth_m", "box_index", "camera_index")
+# Columns of index.parquet and their Arrow types (as strings: this module imports no pyarrow either).
+INDEX_COLUMNS: Final[dict[str, str]] = {
+    "sample_idx": "int64",
+    "token": "string",
+    "scene": "string",
+    "timestamp_us": "int64",
+    "shard": "int64",
+    "num_boxes": "int64",
+    "box_offset": "int64",
+    "num_depth": "int64",
+    "depth_offset": "int64",
+    "depth_per_camera": "list<int64>",
+    "num_fg_cells": "int64",
+    "fg_offset": "int64",
+    "fg_scale_row": "int64",
+}
+RAGGED_ARRAYS: Final[tuple[str, ...]] = ("boxes", "keypoints", "depth", "fg_cells", "fg_features", "fg_scale")
+
+FeatureMode = Literal["dense", "foreground"]
+FeatureDtype = Literal["float16", "int8"]
+
+
+class CacheFormatError(ValueError):
+    """A cache that this version cannot read, or that does not match what the reader expects."""
+
+
+def shard_path(shard: int) -> str:
+    return f"shards/{shard:06d}"
+
+
+def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    missing = known - set(d)
+    unknown = set(d) - known
+    if missing or unknown:
+        raise CacheFormatError(f"manifest {where}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherFingerprint:
+    """Which teacher produced the cache: its checkpoint's sha256 and its resolved config."""
+
+    checkpoint_sha256: str
+    config: dict[str, Any]
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> "TeacherFingerprint":
+        _check_keys(cls, d, "teacher")
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetFingerprint:
+    """Which samples the cache holds: version, split, and the ordered sample tokens (hashed, and counted)."""
+
+    version: str
+    split: str
+    num_samples: int
+    tokens_sha256: str
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> "DatasetFingerprint":
+        _check_keys(cls, d, "dataset")
+        return cls(**d)
+
+    def differences(self, other: "DatasetFingerprint") -> list[str]:
+        return [f"{f.name}: cache has {getattr(self, f.name)!r}, expected {getattr(other, f.name)!r}"
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureStorage:
+    """How the teacher map is stored."""
+
+    mode: FeatureMode
+    dtype: FeatureDtype
+    channels: int
+    margin_cells: int = 1
+    """Foreground mode: extra cells stored around each enlarged box's footprint."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", "foreground"):
+            raise CacheFormatError(f"features.mode must be 'dense' or 'foreground', got {self.mode!r}")
+        if self.dtype not in ("float16", "int8"):
+            raise CacheFormatError(f"features.dtype must be 'float16' or 'int8', got {self.dtype!r}")
+        if self.mode == "dense" and self.dtype != "float16":
+            raise CacheFormatError("dense features are stored as float16 only")
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> "FeatureStorage":
+        _check_keys(cls, d, "features")
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything a reader needs to trust and interpret a cache."""
+
+    format_version: int
+    teacher: TeacherFingerprint
+    dataset: DatasetFingerprint
+    grid: dict[str, float]
+    """Teacher BEV grid (tigbev.geometry.BevGrid.to_dict): range, cell size; maps are (C, H=ny, W=nx)."""
+    features: FeatureStorage
+    keypoints: dict[str, Any]
+    """``enlarge_m``, ``grid_size`` (METHOD.md section 6)."""
+    depth: dict[str, Any]
+    """``cameras`` (camera index -> channel), ``min_depth_m``, ``source`` ("key sweep")."""
+    boxes: dict[str, Any]
+    """Which GT boxes are stored (``filter``: a sentence)."""
+    shard_samples: int
+    codecs: dict[str, Any]
+    provenance: dict[str, Any]
+    complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.dataset.num_samples // self.shard_samples)
+
+    def shard_of(self, sample_idx: int) -> int:
+        return sample_idx // self.shard_samples
+
+    def shard_range(self, shard: int) -> range:
+        start = shard * self.shard_samples
+        return range(start, min(start + self.shard_samples, self.dataset.num_samples))
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def parse(cls, d: Any) -> "Manifest":
+        """Validate a manifest read from disk; unknown format versions are rejected with a clear message."""
+        if not isinstance(d, dict):
+            raise CacheFormatError("no tigbev cache manifest found (is this a tigbev cache?)")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheFormatError(f"cache format version {version!r} is not supported by this tigbev (reads version "
+                                   f"{FORMAT_VERSION}); re-extract the cache or use a matching tigbev")
+        _check_keys(cls, d, "top level")
+        return cls(
+            format_version=version,
+            teacher=TeacherFingerprint.parse(d["teacher"]),
+            dataset=DatasetFingerprint.parse(d["dataset"]),
+            grid=dict(d["grid"]),
+            features=FeatureStorage.parse(d["features"]),
+            keypoints=dict(d["keypoints"]),
+            depth=dict(d["depth"]),
+            boxes=dict(d["boxes"]),
+            shard_samples=int(d["shard_samples"]),
+            codecs=dict(d["codecs"]),
+            provenance=dict(d["provenance"]),
+            complete=bool(d["complete"]),
+            extra=dict(d["extra"]),
+        )
+
+    def compatibility_errors(self, *, dataset: DatasetFingerprint | None = None, grid: dict[str, float] | None = None,
+                             teacher_sha256: str | None = None) -> list[str]:
+        """What differs between this cache and what a consumer expects (empty: compatible)."""
+        errors = []
+        if dataset is not None:
+            errors += [f"dataset {d}" for d in self.dataset.differences(dataset)]
+        if grid is not None:
+            for k, v in grid.items():
+                if abs(float(self.grid.get(k, float("nan"))) - float(v)) > 1e-6:
+                    errors.append(f"grid {k}: cache has {self.grid.get(k)}, expected {v}")
+        if teacher_sha256 is not None and teacher_sha256 != self.teacher.checkpoint_sha256:
+            errors.append(f"teacher checkpoint sha256: cache has {self.teacher.checkpoint_sha256[:12]}..., expected "
+                          f"{teacher_sha256[:12]}...")
+        return errors

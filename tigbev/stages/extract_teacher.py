@@ -1,0 +1,254 @@
+"""Stage one: run the frozen teacher once over a split and write the cache (``tigbev extract-teacher``).
+
+Pipeline: a DataLoader (worker processes) reads LiDAR, selects the GT boxes, builds keypoints and projects the key
+sweep into every camera; the main process runs the teacher on whole batches; a writer thread compresses and writes
+each finished shard while the teacher computes the next. Work is split into shards of consecutive samples; each
+process (``--shard I/N`` or torchrun rank) takes a contiguous block of shards; shards already marked done are
+skipped, so rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tigbev.cache_schema import FORMAT_VERSION, DatasetFingerprint, FeatureStorage, Manifest, TeacherFingerprint
+from tigbev.cache_store import CODECS_DESCRIPTION, CacheWriter, SampleRecord, tokens_sha256
+from tigbev.config import ExtractTeacherConfig
+from tigbev.data.lidar_dataset import training_boxes
+from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
+from tigbev.geometry import BevGrid, box_keypoints_xy, points_in_boxes, project_to_image
+from tigbev.models.teacher.checkpoint import load_teacher
+from tigbev.models.teacher.frozen import FrozenTeacher
+from tigbev.pipeline.provenance import file_sha256, pick_device, provenance
+
+__all__ = ["ExtractResult", "foreground_cells", "run"]
+
+BOX_FILTER = "detection classes with at least one LiDAR point and the centre inside the teacher's point range"
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    url: str
+    samples_written: int
+    samples_skipped: int
+    seconds: float
+    complete: bool
+
+
+@dataclass
+class _Item:
+    sample_idx: int
+    token: str
+    scene: str
+    timestamp_us: int
+    points: torch.Tensor
+    boxes: np.ndarray  # (M, 10)
+    keypoints: np.ndarray  # (M, K, 2)
+    depth: np.ndarray  # (P, 5)
+    depth_per_camera: list[int]
+
+
+class _ExtractDataset(Dataset):
+    def __init__(self, reader: NuScenesReader, tokens: Sequence[str], point_range_m: Sequence[float],
+                 cfg: ExtractTeacherConfig):
+        self.reader, self.tokens, self.point_range_m, self.cfg = reader, list(tokens), tuple(point_range_m), cfg
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> _Item:
+        frame = self.reader.load_sample(self.tokens[i])
+        boxes, labels = training_boxes(frame, self.point_range_m)
+        keypoints = box_keypoints_xy(boxes, enlarge_m=self.cfg.keypoint_enlarge_m, grid_size=self.cfg.keypoint_grid)
+        key = frame.lidar.key_points
+        inside = points_in_boxes(key, boxes)
+        box_of_point = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+        rows, counts = [], []
+        for ci, cam in enumerate(frame.cameras):
+            proj = project_to_image(key, cam.cam_from_lidar, cam.intrinsics, (cam.width, cam.height),
+                                    min_depth_m=self.cfg.min_depth_m)
+            rows.append(np.column_stack([proj.uv, proj.depth_m, box_of_point[proj.index],
+                                         np.full(len(proj), ci)]))
+            counts.append(len(proj))
+        return _Item(
+            sample_idx=i, token=frame.token, scene=frame.scene_name, timestamp_us=frame.timestamp_us,
+            points=torch.from_numpy(frame.lidar.points),
+            boxes=np.concatenate([boxes, labels[:, None]], axis=1).astype(np.float32),
+            keypoints=keypoints.astype(np.float32), depth=np.concatenate(rows).astype(np.float32),
+            depth_per_camera=counts,
+        )
+
+
+class _ShardBatches(Sampler[list[int]]):
+    """Batches of consecutive samples that never straddle a shard (resumed runs see the same batches)."""
+
+    def __init__(self, shards: Sequence[range], batch_size: int):
+        self.batches = [list(r[i:i + batch_size]) for r in shards for i in range(0, len(r), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def foreground_cells(keypoints_xy: np.ndarray, grid: BevGrid, margin_cells: int) -> np.ndarray:
+    """Flat indices (iy * W + ix) of every cell bilinear sampling at the keypoints reads, dilated by a margin."""
+    h, w = grid.shape_hw
+    mask = np.zeros((h, w), dtype=bool)
+    xy = keypoints_xy.reshape(-1, 2)
+    if len(xy):
+        # align_corners=False: cell centres sit at (i + 0.5) cells; bilinear reads floor and floor + 1 of c - 0.5.
+        cx = (xy[:, 0] - grid.x_min_m) / grid.cell_m - 0.5
+        cy = (xy[:, 1] - grid.y_min_m) / grid.cell_m - 0.5
+        x0, y0 = np.floor(cx).astype(np.int64), np.floor(cy).astype(np.int64)
+        for dx in (0, 1):
+            for dy in (0, 1):
+                ix, iy = x0 + dx, y0 + dy
+                ok = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+                mask[iy[ok], ix[ok]] = True
+    for _ in range(margin_cells):  # 4-neighbour dilation
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        mask = grown
+    return np.flatnonzero(mask.reshape(-1)).astype(np.int32)
+
+
+def _quantize_int8(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8: (F, C) -> (int8 (F, C), scale (C,)); value ~ q * scale."""
+    peak = np.abs(feats).max(axis=0) if len(feats) else np.zeros(feats.shape[1], np.float32)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(feats / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _collate(items: list[_Item]) -> list[_Item]:
+    return items
+
+
+def _part_of(cfg: ExtractTeacherConfig) -> tuple[int, int]:
+    """(index, count) of this process's part: torchrun's RANK/WORLD_SIZE when set, else --shard I/N."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and cfg.num_parts == 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return cfg.shard_index, cfg.num_parts
+
+
+def build_manifest(cfg: ExtractTeacherConfig, *, teacher_sha: str, teacher_config: dict[str, Any],
+                   grid: BevGrid, channels: int, version: str, tokens: Sequence[str]) -> Manifest:
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        teacher=TeacherFingerprint(checkpoint_sha256=teacher_sha, config=teacher_config),
+        dataset=DatasetFingerprint(version=version, split=cfg.split, num_samples=len(tokens),
+                                   tokens_sha256=tokens_sha256(tokens)),
+        grid=grid.to_dict(),
+        features=FeatureStorage(mode=cfg.features, dtype=cfg.feature_dtype, channels=channels),
+        keypoints={"enlarge_m": cfg.keypoint_enlarge_m, "grid_size": cfg.keypoint_grid},
+        depth={"cameras": list(CAMERA_CHANNELS), "min_depth_m": cfg.min_depth_m, "source": "key sweep",
+               "pixels": "original image, pixel centres at integer coordinates"},
+        boxes={"filter": BOX_FILTER, "frame": "un-augmented key lidar frame"},
+        shard_samples=cfg.shard_samples,
+        codecs=dict(CODECS_DESCRIPTION),
+        provenance=provenance(dataroot=str(cfg.dataroot), teacher_checkpoint=str(cfg.teacher_checkpoint)),
+    )
+
+
+def run(cfg: ExtractTeacherConfig, *, progress: bool = True) -> ExtractResult:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    device = pick_device(cfg.device)
+    model, tcfg, _ = load_teacher(cfg.teacher_checkpoint, device)
+    teacher = FrozenTeacher(model)
+    grid = tcfg.bev_grid
+    reader = NuScenesReader(cfg.dataroot, num_sweeps=tcfg.num_sweeps)
+    tokens = reader.sample_tokens(cfg.split)
+    manifest = build_manifest(cfg, teacher_sha=file_sha256(cfg.teacher_checkpoint), teacher_config=tcfg.to_dict(),
+                              grid=grid, channels=tcfg.bev_channels, version=reader.version, tokens=tokens)
+    writer = CacheWriter(cfg.out, manifest)
+    manifest = writer.manifest
+    part, parts = _part_of(cfg)
+    n_shards = manifest.num_shards
+    mine = range(part * n_shards // parts, (part + 1) * n_shards // parts)
+    done = writer.done_flags()
+    todo = [k for k in mine if not done[manifest.shard_range(k).start:manifest.shard_range(k).stop].all()]
+    ranges = [manifest.shard_range(k) for k in todo]
+    n_todo = sum(len(r) for r in ranges)
+    skipped = sum(len(manifest.shard_range(k)) for k in mine) - n_todo
+
+    dataset = _ExtractDataset(reader, tokens, tcfg.point_range_m, cfg)
+    loader = DataLoader(dataset, batch_sampler=_ShardBatches(ranges, cfg.batch_size), collate_fn=_collate,
+                        num_workers=cfg.workers, prefetch_factor=2 if cfg.workers > 0 else None)
+
+    # The writer thread: compression and I/O overlap the teacher's next batches.
+    jobs: queue.Queue[tuple[int, list[SampleRecord]] | None] = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def write_loop() -> None:
+        while (job := jobs.get()) is not None:
+            if errors:
+                continue
+            try:
+                writer.write_shard(*job)
+            except BaseException as exc:  # surfaced in the main thread
+                errors.append(exc)
+
+    thread = threading.Thread(target=write_loop, name="cache-writer", daemon=True)
+    thread.start()
+    pending: dict[int, list[SampleRecord]] = {}
+    written = 0
+    bar = tqdm(total=n_todo, desc=f"extract {cfg.split} [{part + 1}/{parts}]", unit="sample", disable=not progress)
+    try:
+        for items in loader:
+            if errors:
+                raise errors[0]
+            bev = teacher([it.points.to(device) for it in items]).bev_features.float().cpu().numpy()  # (B, C, H, W)
+            for it, fmap in zip(items, bev):
+                record = _record(it, fmap, grid, cfg, manifest.features.margin_cells)
+                shard = manifest.shard_of(it.sample_idx)
+                pending.setdefault(shard, []).append(record)
+                if len(pending[shard]) == len(manifest.shard_range(shard)):
+                    jobs.put((shard, pending.pop(shard)))
+                    written += len(manifest.shard_range(shard))
+            bar.update(len(items))
+    finally:
+        jobs.put(None)
+        thread.join()
+        bar.close()
+    if errors:
+        raise errors[0]
+    complete = writer.finalize()
+    return ExtractResult(url=cfg.out, samples_written=written, samples_skipped=skipped,
+                         seconds=time.perf_counter() - start, complete=complete)
+
+
+def _record(it: _Item, fmap: np.ndarray, grid: BevGrid, cfg: ExtractTeacherConfig, margin: int) -> SampleRecord:
+    c = fmap.shape[0]
+    fg_cells = np.zeros(0, np.int32)
+    fg_features: np.ndarray = np.zeros((0, c), np.float16)
+    fg_scale = None
+    bev = None
+    if cfg.features == "dense":
+        bev = fmap.astype(np.float16)
+    else:
+        fg_cells = foreground_cells(it.keypoints, grid, margin)
+        feats = fmap.reshape(c, -1)[:, fg_cells].T  # (F, C)
+        if cfg.feature_dtype == "int8":
+            fg_features, fg_scale = _quantize_int8(feats)
+        else:
+            fg_features = feats.astype(np.float16)
+    return SampleRecord(sample_idx=it.sample_idx, token=it.token, scene=it.scene, timestamp_us=it.timestamp_us,
+                        boxes=it.boxes, keypoints=it.keypoints, depth=it.depth, depth_per_camera=it.depth_per_camera,
+                        fg_cells=fg_cells, fg_features=fg_features, fg_scale=fg_scale, bev=bev)
