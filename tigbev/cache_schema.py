@@ -13,8 +13,10 @@ A cache is a zarr v3 group (a local path or an fsspec URL)::
     CACHE/shards/<k:06d>/fg_cells         (F_k,) int32        flat index iy * W + ix of stored map cells
     CACHE/shards/<k:06d>/fg_features      (F_k, C) float16 | int8  teacher features of those cells
     CACHE/shards/<k:06d>/fg_scale         (S_k, C) float32    int8 only: per-sample, per-channel scale
-    CACHE/shards/<k:06d>/index.parquet    one row per sample of the shard (INDEX_COLUMNS)
+    CACHE/index/<k:06d>.parquet           one row per sample of shard k (INDEX_COLUMNS)
     CACHE/index.parquet                   all rows, written when the cache is complete
+
+(The Parquet files sit outside the zarr hierarchy; readers open zarr members by name and never list them.)
 
 Everything is in the **un-augmented key lidar frame** of each sample; BEV maps are (C, H, W) with rows = y and
 columns = x on ``manifest.grid`` (docs/COORDINATES.md). Samples are grouped in shards of ``shard_samples``
@@ -44,6 +46,7 @@ __all__ = [
     "FeatureStorage",
     "Manifest",
     "TeacherFingerprint",
+    "shard_index_path",
     "shard_path",
 ]
 
@@ -80,6 +83,10 @@ class CacheFormatError(ValueError):
 
 def shard_path(shard: int) -> str:
     return f"shards/{shard:06d}"
+
+
+def shard_index_path(shard: int) -> str:
+    return f"index/{shard:06d}.parquet"
 
 
 def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:

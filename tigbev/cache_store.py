@@ -23,6 +23,7 @@ from tigbev.cache_schema import (
     CacheFormatError,
     DatasetFingerprint,
     Manifest,
+    shard_index_path,
     shard_path,
 )
 from tigbev.errors import TigbevError
@@ -80,6 +81,7 @@ def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     tmp = path + ".tmp"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(tmp, "wb") as f:
         f.write(buf.getvalue())
     fs.mv(tmp, path)
@@ -168,14 +170,22 @@ class CacheWriter:
         n, s = m.dataset.num_samples, m.shard_samples
         from zarr.codecs import Crc32cCodec
 
-        self.group.create_array("done", shape=(n,), chunks=(s,), dtype="uint8", fill_value=0,
-                                compressors=[Crc32cCodec()], overwrite=True)
+        import zarr
+
+        # Several parts may start at once: whoever creates an array first wins, the others reuse it. Never
+        # overwrite here, or a late starter would wipe the done flags of an early one.
+        specs = [("done", dict(shape=(n,), chunks=(s,), dtype="uint8", compressors=[Crc32cCodec()]))]
         if m.features.mode == "dense":
             nx = round((m.grid["x_max_m"] - m.grid["x_min_m"]) / m.grid["cell_m"])
             ny = round((m.grid["y_max_m"] - m.grid["y_min_m"]) / m.grid["cell_m"])
             c = m.features.channels
-            self.group.create_array("bev", shape=(n, c, ny, nx), chunks=(1, c, ny, nx), shards=(s, c, ny, nx),
-                                    dtype="float16", fill_value=0, compressors=_codecs("float16"), overwrite=True)
+            specs.append(("bev", dict(shape=(n, c, ny, nx), chunks=(1, c, ny, nx), shards=(s, c, ny, nx),
+                                      dtype="float16", compressors=_codecs("float16"))))
+        for name, spec in specs:
+            try:
+                self.group.create_array(name, fill_value=0, overwrite=False, **spec)
+            except zarr.errors.ContainsArrayError:
+                pass
 
     def done_flags(self) -> NDArray[np.bool_]:
         return np.asarray(self.group["done"][:]).astype(bool)
@@ -225,7 +235,7 @@ class CacheWriter:
                 arr[...] = data
         if m.features.mode == "dense":
             self.group["bev"][expected[0]:expected[-1] + 1] = np.stack([r.bev for r in records])
-        _write_parquet(f"{self.url}/{shard_path(shard)}/index.parquet", rows)
+        _write_parquet(f"{self.url}/{shard_index_path(shard)}", rows)
         with self._lock:
             self.group["done"][expected[0]:expected[-1] + 1] = 1
 
@@ -235,7 +245,7 @@ class CacheWriter:
             return False
         rows: list[dict[str, Any]] = []
         for shard in range(self.manifest.num_shards):
-            part = _read_parquet(f"{self.url}/{shard_path(shard)}/index.parquet")
+            part = _read_parquet(f"{self.url}/{shard_index_path(shard)}")
             rows += [dict(zip(part, vals)) for vals in zip(*part.values())]
         _write_parquet(f"{self.url}/index.parquet", rows)
         manifest = self.manifest.to_dict()

@@ -101,6 +101,99 @@ def train_teacher(
         typer.echo(f"{val_split}: mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
 
 
+@app.command("extract-teacher")
+def extract_teacher(
+    teacher_checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Teacher last.pt.")],
+    dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
+    split: Annotated[str, typer.Option(help="Split to extract.")],
+    out: Annotated[str, typer.Option(help="Cache: a directory or an fsspec URL (s3://..., memory://...).")],
+    features: Annotated[str, typer.Option(help="'foreground' (cells around boxes) or 'dense' (whole map).")]
+    = "foreground",
+    feature_dtype: Annotated[str, typer.Option(help="'float16' or 'int8' (per-channel scale; foreground).")]
+    = "float16",
+    shard_samples: Annotated[int, typer.Option(min=1, help="Samples per shard (unit of writing/resuming).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Teacher batch size (divides --shard-samples).")] = 2,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes.")] = 1,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    shard: Annotated[str, typer.Option(help="This process's part I/N of the work (torchrun sets it itself).")]
+    = "0/1",
+) -> None:
+    """Run the frozen teacher once over a split and write (or resume) the cache."""
+    from tigbev.config import ExtractTeacherConfig
+    from tigbev.stages import extract_teacher as stage
+
+    try:
+        index, _, count = shard.partition("/")
+        cfg = ExtractTeacherConfig(
+            teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out=out, features=features,
+            feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size, workers=workers,
+            device=device, shard_index=int(index), num_parts=int(count or 1),
+        )
+        result = stage.run(cfg)
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    state = "complete" if result.complete else "partial (other parts still running or to run)"
+    typer.echo(f"cache {result.url}: wrote {result.samples_written} samples, skipped {result.samples_skipped} "
+               f"already done, {result.seconds:.1f} s; {state}")
+
+
+cache_app = typer.Typer(help="Inspect and check a teacher cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or URL.")]) -> None:
+    """Samples, completeness, bytes per sample per array, compression ratio, teacher, grid."""
+    from tigbev.stages.cache_tools import cache_info
+
+    try:
+        info = cache_info(cache)
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"cache      {info['url']}")
+    typer.echo(f"samples    {info['done']} / {info['samples']} done, {'complete' if info['complete'] else 'INCOMPLETE'}")
+    typer.echo(f"dataset    {info['version']} split {info['split']}")
+    typer.echo(f"teacher    sha256 {info['teacher_sha256'][:16]}...")
+    g = info["grid"]
+    typer.echo(f"grid       x [{g['x_min_m']}, {g['x_max_m']}) y [{g['y_min_m']}, {g['y_max_m']}) m, cell {g['cell_m']} m")
+    f = info["features"]
+    typer.echo(f"features   {f['mode']} {f['dtype']} x {f['channels']} ch")
+    for name, b in info["bytes_per_sample"].items():
+        typer.echo(f"  {name:<12} {b / 1024:10.1f} KiB/sample")
+    typer.echo(f"total      {info['bytes_per_sample_total'] / 1024:.1f} KiB/sample, compression "
+               f"{info['compression_ratio']:.2f}x")
+
+
+@cache_app.command("verify")
+def cache_verify_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or URL.")]) -> None:
+    """Read every chunk, check checksums and the index; name each bad sample and array; exit 1 on any fault."""
+    from tigbev.stages.cache_tools import verify_cache
+
+    faults = verify_cache(cache)
+    for fault in faults:
+        typer.secho(f"FAULT {fault}", fg=typer.colors.RED, err=True)
+    if faults:
+        typer.echo(f"{len(faults)} fault(s) in {cache}")
+        raise typer.Exit(code=1)
+    typer.echo(f"{cache}: OK, every chunk read and checked")
+
+
+@cache_app.command("dump")
+def cache_dump_cmd(
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
+    sample: Annotated[str, typer.Option(help="Sample token.")],
+    out: Annotated[Path, typer.Option(help="Output .npz file.")],
+) -> None:
+    """Write one sample's cached content as npz (keys documented in tigbev/stages/cache_tools.py)."""
+    from tigbev.stages.cache_tools import dump_sample
+
+    try:
+        path = dump_sample(cache, sample, out)
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

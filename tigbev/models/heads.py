@@ -65,8 +65,8 @@ class CenterHeadConfig:
     max_objects: int = 500
     """Regression targets per sample and task at most."""
     score_threshold: float = 0.1
-    pre_max_size: int = 1000
-    """Top-k candidates per task before NMS."""
+    pre_max_size: int = 500
+    """Top-k candidates per task before NMS (mmdetection3d's max_num)."""
     post_max_size: int = 83
     """Boxes per task kept after NMS."""
     nms_radii_m: tuple[float, ...] = NUSCENES_NMS_RADII_M
@@ -285,7 +285,7 @@ class CenterHead(nn.Module):
             boxes = torch.cat([x[..., None], y[..., None], vals[..., 2:3], lwh, yaw[..., None], vals[..., 8:10]], -1)
             labels = torch.as_tensor(self.task_labels[task_idx], device=heat.device)[cls_local]
             for s in range(b):
-                keep = scores[s] >= cfg.score_threshold
+                keep = scores[s] > cfg.score_threshold
                 bx, sc, lb = boxes[s][keep], scores[s][keep], labels[s][keep]
                 if len(sc):
                     kept = circle_nms(bx[:, :2], sc, cfg.nms_radii_m[task_idx], cfg.post_max_size)

@@ -1,0 +1,277 @@
+"""Stage one and the cache: content, fidelity to the online teacher, resume after SIGKILL, parallel parts,
+corruption detection, compatibility checks, fsspec URLs, and the cache CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tigbev.cache_schema import CACHE_ATTR, RAGGED_ARRAYS, shard_path
+from tigbev.cache_store import CacheError, CacheReader, _read_parquet
+from tigbev.cli import app
+from tigbev.config import ExtractTeacherConfig
+from tigbev.data.lidar_dataset import training_boxes
+from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.geometry import BevGrid, points_in_boxes
+from tigbev.models.bev_sampling import sample_bev
+from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
+from tigbev.models.teacher.checkpoint import load_teacher, save_checkpoint
+from tigbev.stages import extract_teacher
+from tigbev.stages.cache_tools import cache_info, dump_sample, keypoint_features, verify_cache
+
+SPLIT = "synth_train"
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo-preset teacher with random weights and BatchNorm statistics that are not the identity."""
+    torch.manual_seed(0)
+    model = CenterPoint(teacher_preset("demo"))
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("teacher") / "last.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "teacher_config": teacher_preset("demo").to_dict()})
+    return path
+
+
+def _cfg(ckpt: Path, root: Path, out: Path | str, **kw) -> ExtractTeacherConfig:
+    base = dict(teacher_checkpoint=ckpt, dataroot=root, split=SPLIT, out=str(out), shard_samples=2, batch_size=1,
+                workers=0, device="cpu")
+    return ExtractTeacherConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_ckpt: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "ref"
+    result = extract_teacher.run(_cfg(teacher_ckpt, synth_root, out), progress=False)
+    assert result.complete and result.samples_written == 3
+    return out
+
+
+def _arrays(url: Path | str) -> dict[str, np.ndarray]:
+    """Every array of a cache by path, plus the consolidated index (provenance times aside, all content)."""
+    reader = CacheReader(str(url))
+    m = reader.manifest
+    out = {"done": np.asarray(reader.group["done"][:])}
+    if m.features.mode == "dense":
+        out["bev"] = np.asarray(reader.group["bev"][:])
+    for shard in range(m.num_shards):
+        for name in RAGGED_ARRAYS:
+            try:
+                out[f"{shard}/{name}"] = np.asarray(reader.group[f"{shard_path(shard)}/{name}"][...])
+            except KeyError:
+                pass
+    for k, v in _read_parquet(f"{reader.url}/index.parquet").items():
+        out[f"index/{k}"] = np.asarray(v, dtype=object)
+    return out
+
+
+def _assert_same_cache(a: Path | str, b: Path | str) -> None:
+    xa, xb = _arrays(a), _arrays(b)
+    assert xa.keys() == xb.keys()
+    for k in xa:
+        assert xa[k].shape == xb[k].shape, k
+        assert (xa[k] == xb[k]).all(), k
+
+
+def test_content_matches_the_dataset(reference: Path, synth_root: Path) -> None:
+    reader = CacheReader(str(reference))
+    data = NuScenesReader(synth_root, num_sweeps=3)
+    tokens = data.sample_tokens(SPLIT)
+    assert reader.tokens == tokens and len(reader) == 3
+    reader.check_compatible(version="v1.0-synth", split=SPLIT, tokens=tokens)
+    for i, token in enumerate(tokens):
+        frame = data.load_sample(token)
+        s = reader.read(i)
+        boxes, labels = training_boxes(frame, teacher_preset("demo").point_range_m)
+        np.testing.assert_allclose(s.boxes, boxes, rtol=1e-6, atol=1e-5)
+        np.testing.assert_array_equal(s.labels, labels)
+        assert s.keypoints.shape == (len(boxes), 576, 2)
+        assert sum(s.depth_per_camera) == len(s.depth) and len(s.depth) > 1000
+        cam_idx = s.depth[:, 4].astype(int)
+        assert (np.diff(cam_idx) >= 0).all()  # sorted by camera
+        for ci, cam in enumerate(frame.cameras):
+            d = s.depth[cam_idx == ci]
+            assert (d[:, 0] >= -0.5).all() and (d[:, 0] < cam.width - 0.5).all() and (d[:, 2] >= 0.5).all()
+        # Depth points inside a box carry that box's index: re-derive it from 3D.
+        key = frame.lidar.key_points
+        inside = points_in_boxes(key, boxes)
+        with_box = s.depth[s.depth[:, 3] >= 0]
+        assert len(with_box) > 20
+        assert set(np.unique(with_box[:, 3]).astype(int)) <= set(np.flatnonzero(inside.any(axis=0)))
+
+
+@pytest.mark.parametrize("mode,dtype,rtol", [("foreground", "float16", 2e-3), ("dense", "float16", 2e-3),
+                                             ("foreground", "int8", 2e-2)])
+def test_cached_keypoint_features_equal_the_online_teacher(teacher_ckpt: Path, synth_root: Path, tmp_path: Path,
+                                                           mode: str, dtype: str, rtol: float) -> None:
+    out = tmp_path / f"{mode}-{dtype}"
+    extract_teacher.run(_cfg(teacher_ckpt, synth_root, out, features=mode, feature_dtype=dtype), progress=False)
+    reader = CacheReader(str(out))
+    model, tcfg, _ = load_teacher(teacher_ckpt)
+    data = NuScenesReader(synth_root, num_sweeps=tcfg.num_sweeps)
+    frame = data.load_sample(reader.tokens[1])
+    with torch.inference_mode():
+        online = model([torch.from_numpy(frame.lidar.points)]).bev_features
+    s = reader.read(1)
+    m, k = s.keypoints.shape[:2]
+    want, valid = sample_bev(online, torch.from_numpy(s.keypoints.reshape(1, -1, 2)), tcfg.bev_grid)
+    want = want[0].reshape(m, k, -1).numpy()
+    got, got_valid = keypoint_features(reader, s)
+    np.testing.assert_array_equal(got_valid, valid[0].reshape(m, k).numpy())
+    scale = np.abs(want).max()
+    assert scale > 0
+    err = np.abs(got - want)[got_valid]
+    assert err.max() <= rtol * scale, (err.max(), scale)
+
+
+SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    from tigbev.cache_store import CacheWriter
+    original = CacheWriter.write_shard
+    def slow(self, shard, records):
+        time.sleep(0.8)  # widen the window in which the test kills the process
+        original(self, shard, records)
+    CacheWriter.write_shard = slow
+    from tigbev.cli import app
+    sys.argv = ["tigbev", *sys.argv[1:]]
+    app()
+""")
+
+
+def _cli_args(ckpt: Path, root: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract-teacher", "--teacher-checkpoint", str(ckpt), "--dataroot", str(root), "--split", SPLIT, "--out",
+            str(out), "--shard-samples", "1", "--batch-size", "1", "--workers", "0", "--device", "cpu", *extra]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(teacher_ckpt: Path, synth_root: Path, tmp_path: Path
+                                                         ) -> None:
+    ref = tmp_path / "ref"
+    extract_teacher.run(_cfg(teacher_ckpt, synth_root, ref, shard_samples=1), progress=False)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, *_cli_args(teacher_ckpt, synth_root, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "done").exists():
+            try:
+                done = int(np.asarray(CacheReader(str(out), require_complete=False).group["done"][:]).sum())
+            except Exception:
+                done = 0
+            if done >= 1:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    partial = int(np.asarray(CacheReader(str(out), require_complete=False).group["done"][:]).sum())
+    assert 1 <= partial < 3, "the kill must land part-way through"
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheReader(str(out))
+    result = extract_teacher.run(_cfg(teacher_ckpt, synth_root, out, shard_samples=1), progress=False)
+    assert result.complete and result.samples_skipped == partial and result.samples_written == 3 - partial
+    _assert_same_cache(out, ref)
+
+
+def test_two_parts_in_parallel_equal_one_process(teacher_ckpt: Path, synth_root: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    extract_teacher.run(_cfg(teacher_ckpt, synth_root, ref, shard_samples=1), progress=False)
+    out = tmp_path / "parts"
+    # Create the store first (as a launcher would), then run both parts at once.
+    procs = [subprocess.Popen([sys.executable, "-m", "tigbev.cli", *_cli_args(teacher_ckpt, synth_root, out,
+                                                                                "--shard", f"{i}/2")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    # Whichever part finished last consolidated the index and marked the cache complete.
+    _assert_same_cache(out, ref)
+
+
+def test_flipped_byte_is_found_and_named(reference: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(reference, bad)
+    chunk_files = sorted(p for p in (bad / shard_path(1) / "fg_features").rglob("*") if p.is_file()
+                         and p.name != "zarr.json")
+    raw = bytearray(chunk_files[0].read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    chunk_files[0].write_bytes(bytes(raw))
+    faults = verify_cache(str(bad))
+    token = CacheReader(str(bad)).tokens[2]
+    assert [(f.sample_idx, f.array) for f in faults] == [(2, "fg_features")]
+    assert token in str(faults[0])
+    result = CliRunner().invoke(app, ["cache", "verify", str(bad)])
+    assert result.exit_code == 1 and "fg_features" in result.output and token in result.output
+    with pytest.raises(CacheError, match=rf"sample 2 \({token}\), array fg_features"):
+        CacheReader(str(bad)).read(2)
+    assert verify_cache(str(reference)) == []
+    ok = CliRunner().invoke(app, ["cache", "verify", str(reference)])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_mismatches_are_refused_with_what_differs(reference: Path, synth_root: Path, teacher_ckpt: Path,
+                                                  tmp_path: Path) -> None:
+    reader = CacheReader(str(reference))
+    data = NuScenesReader(synth_root)
+    with pytest.raises(CacheError, match="split: cache has 'synth_train', expected 'synth_val'"):
+        reader.check_compatible(version="v1.0-synth", split="synth_val", tokens=data.sample_tokens("synth_val"))
+    with pytest.raises(CacheError, match="grid cell_m"):
+        reader.check_compatible(version="v1.0-synth", split=SPLIT, tokens=data.sample_tokens(SPLIT),
+                                grid=BevGrid.square(51.2, 0.8).to_dict())
+    # Another format version.
+    future = tmp_path / "future"
+    shutil.copytree(reference, future)
+    import zarr
+
+    g = zarr.open_group(str(future), mode="r+")
+    manifest = dict(g.attrs[CACHE_ATTR])
+    manifest["format_version"] = 99
+    g.attrs[CACHE_ATTR] = manifest
+    with pytest.raises(CacheError, match="format version 99"):
+        CacheReader(str(future))
+    # Resuming into a cache made with other settings.
+    with pytest.raises(CacheError, match="features differs"):
+        extract_teacher.run(_cfg(teacher_ckpt, synth_root, reference, features="dense"), progress=False)
+    with pytest.raises(CacheError, match="no cache"):
+        CacheReader(str(tmp_path / "nothing"))
+
+
+def test_fsspec_url(teacher_ckpt: Path, synth_root: Path, reference: Path) -> None:
+    url = f"memory://tigbev-test-{os.getpid()}/cache"
+    result = extract_teacher.run(_cfg(teacher_ckpt, synth_root, url), progress=False)
+    assert result.complete
+    _assert_same_cache(url, reference)
+
+
+def test_info_and_dump(reference: Path, tmp_path: Path) -> None:
+    info = cache_info(str(reference))
+    assert info["complete"] and info["samples"] == 3 and info["done"] == 3
+    assert set(info["bytes_per_sample"]) == {"boxes", "keypoints", "depth", "fg_cells", "fg_features"}
+    assert info["compression_ratio"] > 1.0
+    cli = CliRunner().invoke(app, ["cache", "info", str(reference)])
+    assert cli.exit_code == 0 and "KiB/sample" in cli.output
+    reader = CacheReader(str(reference))
+    token = reader.tokens[0]
+    path = dump_sample(str(reference), token, tmp_path / "s.npz")
+    with np.load(path) as d:
+        s = reader.read(0)
+        np.testing.assert_array_equal(d["boxes"], s.boxes)
+        assert d["keypoint_features"].shape == (len(s.boxes), 576, 256)
+        assert d["depth"].shape == s.depth.shape
+    bad = CliRunner().invoke(app, ["cache", "dump", str(reference), "--sample", "nope", "--out",
+                                   str(tmp_path / "x.npz")])
+    assert bad.exit_code == 2 and "nope" in bad.output
