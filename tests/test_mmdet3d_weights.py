@@ -336,3 +336,23 @@ def test_boxes_from_mmdet3d() -> None:
     torch.testing.assert_close(t, torch.tensor(conv, dtype=torch.float32))
     with pytest.raises(ValueError, match="shape"):
         boxes_from_mmdet3d(np.zeros((2, 8)))
+
+
+def test_cli_import_teacher_writes_a_loadable_tigbev_checkpoint(tmp_path: Path, fake_state: dict[str, torch.Tensor],
+                                                                loaded: CenterPoint) -> None:
+    from typer.testing import CliRunner
+
+    from tigbev.cli import app
+    from tigbev.models.teacher.checkpoint import load_teacher
+
+    src = tmp_path / "centerpoint.pth"
+    torch.save({"meta": {"epoch": 20}, "state_dict": fake_state}, src)
+    out = tmp_path / "teacher" / "last.pt"
+    result = CliRunner().invoke(app, ["import-teacher", str(src), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    model, cfg, ckpt = load_teacher(out)
+    assert cfg.bev_channels == 512 and ckpt["train_config"]["imported_from"] == str(src)
+    want = loaded.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    again = CliRunner().invoke(app, ["import-teacher", str(src), "--out", str(out)])
+    assert again.exit_code == 2 and "exists" in again.output

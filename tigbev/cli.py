@@ -101,6 +101,35 @@ def train_teacher(
         typer.echo(f"{val_split}: mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
 
 
+@app.command("import-teacher")
+def import_teacher(
+    mmdet3d_checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                                       help="mmdetection3d CenterPoint .pth (voxel 0.1, SECFPN).")],
+    out: Annotated[Path, typer.Option(help="tigbev teacher checkpoint to write (e.g. teacher/last.pt).")],
+    box_convention: Annotated[str, typer.Option(help="'mmdet3d-v1' (v1.0.0_models) or 'mmdet3d-v0' (v0.x).")]
+    = "mmdet3d-v1",
+) -> None:
+    """Convert the published mmdetection3d CenterPoint weights into a tigbev teacher checkpoint (nuscenes preset)."""
+    from tigbev.models.teacher.centerpoint import teacher_preset
+    from tigbev.models.teacher.checkpoint import save_checkpoint
+    from tigbev.models.teacher.mmdet3d_weights import load_mmdet3d_centerpoint
+    from tigbev.pipeline.provenance import file_sha256, provenance
+
+    if out.exists():
+        raise _fail(TigbevError(f"{out} exists; choose a new path"))
+    try:
+        model = load_mmdet3d_centerpoint(mmdet3d_checkpoint, box_convention=box_convention)  # type: ignore[arg-type]
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    save_checkpoint(out, {
+        "model": model.state_dict(), "teacher_config": teacher_preset("nuscenes").to_dict(),
+        "train_config": {"preset": "nuscenes", "imported_from": str(mmdet3d_checkpoint),
+                         "box_convention": box_convention},
+        "provenance": provenance(source_sha256=file_sha256(mmdet3d_checkpoint)),
+    })
+    typer.echo(f"wrote {out} (nuscenes preset) from {mmdet3d_checkpoint}")
+
+
 @app.command("extract-teacher")
 def extract_teacher(
     teacher_checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Teacher last.pt.")],
