@@ -56,7 +56,8 @@ def _cfg(ckpt: Path, root: Path, out: Path | str, **kw) -> ExtractTeacherConfig:
 @pytest.fixture(scope="module")
 def reference(teacher_ckpt: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "ref"
-    result = extract_teacher.run(_cfg(teacher_ckpt, synth_root, out), progress=False)
+    # One DataLoader worker here, none in the runs compared against it: results must not depend on that.
+    result = extract_teacher.run(_cfg(teacher_ckpt, synth_root, out, workers=1), progress=False)
     assert result.complete and result.samples_written == 3
     return out
 
@@ -275,3 +276,26 @@ def test_info_and_dump(reference: Path, tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["cache", "dump", str(reference), "--sample", "nope", "--out",
                                    str(tmp_path / "x.npz")])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_real_slice_with_the_nuscenes_preset(real_slice_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = teacher_preset("nuscenes")
+    ckpt = tmp_path / "nus.pt"
+    save_checkpoint(ckpt, {"model": CenterPoint(cfg).state_dict(), "teacher_config": cfg.to_dict()})
+    out = tmp_path / "real"
+    result = extract_teacher.run(ExtractTeacherConfig(teacher_checkpoint=ckpt, dataroot=real_slice_root,
+                                                      split="real_slice", out=str(out), workers=0, device="cpu",
+                                                      shard_samples=1, batch_size=1), progress=False)
+    assert result.complete
+    reader = CacheReader(str(out))
+    assert reader.manifest.features.channels == 512 and reader.manifest.grid["cell_m"] == pytest.approx(0.8)
+    s = reader.read(0)
+    frame = NuScenesReader(real_slice_root).load_sample(reader.tokens[0])
+    # 68 boxes of detection classes, minus those without LiDAR points or outside +-51.2 m.
+    expected = (frame.gt.labels >= 0) & (frame.gt.num_lidar_pts > 0)
+    expected &= (np.abs(frame.gt.boxes[:, :2]) < 51.2).all(axis=1)
+    assert len(s.boxes) == int(expected.sum()) > 40
+    assert len(s.depth_per_camera) == 6 and min(s.depth_per_camera) > 500
+    feats, valid = keypoint_features(reader, s)
+    assert feats.shape == (len(s.boxes), 576, 512) and valid.mean() > 0.9

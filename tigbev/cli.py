@@ -151,12 +151,14 @@ def extract_teacher(
     from tigbev.config import ExtractTeacherConfig
     from tigbev.stages import extract_teacher as stage
 
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        raise _fail(ValueError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}"))
     try:
-        index, _, count = shard.partition("/")
         cfg = ExtractTeacherConfig(
             teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out=out, features=features,
             feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size, workers=workers,
-            device=device, shard_index=int(index), num_parts=int(count or 1),
+            device=device, shard_index=int(index), num_parts=int(count),
         )
         result = stage.run(cfg)
     except (TigbevError, ValueError) as exc:
