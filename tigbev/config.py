@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ExtractTeacherConfig", "Preset", "SynthConfig", "TrainTeacherConfig", "synth_preset", "train_teacher_defaults"]
+__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "SynthConfig", "TrainStudentConfig", "TrainTeacherConfig", "synth_preset", "train_teacher_defaults"]
 
 Preset = Literal["demo", "nuscenes"]
 
@@ -206,4 +206,89 @@ class ExtractTeacherConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(teacher_checkpoint=str(self.teacher_checkpoint), dataroot=str(self.dataroot))
+        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossWeights:
+    """Weights of the student's losses (METHOD.md section 6): every distillation weight 0 gives the baseline."""
+
+    depth: float = 3.0
+    """Dense depth supervision (BEVDepth's weight with its per-valid-cell BCE)."""
+    inner_depth: float = 1.0
+    inter_keypoint: float = 100.0
+    inter_channel: float = 10.0
+    dense_feature: float = 0.0
+    """Optional dense BEV feature-mimicking baseline (not part of TiG-BEV)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _require(getattr(self, f.name) >= 0, type(self).__name__, f.name, "must be >= 0")
+
+    @property
+    def distills(self) -> bool:
+        return self.inter_keypoint > 0 or self.inter_channel > 0 or self.dense_feature > 0
+
+    @classmethod
+    def baseline(cls) -> "LossWeights":
+        """Detection + dense depth only: the plain BEVDepth-style student."""
+        return cls(inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0, dense_feature=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainStudentConfig:
+    """Stage two (``tigbev train-student``): a camera student from images plus the teacher cache."""
+
+    preset: Preset
+    dataroot: Path
+    split: str
+    out_dir: Path
+    cache: str | None = None
+    """Teacher cache of the same split (from extract-teacher); required when any distillation weight is > 0 and
+    ``teacher`` is 'cache'."""
+    teacher: Literal["cache", "online", "none"] = "cache"
+    """Where distillation targets come from: the cache (the point of this project), the live teacher every step
+    (the published way, kept as the baseline), or nowhere (weights must then be 0)."""
+    teacher_checkpoint: Path | None = None
+    """Needed with teacher='online'."""
+    variant: Literal["bevdet", "bevdepth"] = "bevdepth"
+    weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    val_split: str | None = None
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 5.0
+    warmup_steps: int = 50
+    workers: int = 1
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    augment: bool = True
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in ("dataroot", "out_dir"):
+            object.__setattr__(self, f, Path(getattr(self, f)))
+        if self.teacher_checkpoint is not None:
+            object.__setattr__(self, "teacher_checkpoint", Path(self.teacher_checkpoint))
+        if isinstance(self.weights, dict):
+            object.__setattr__(self, "weights", LossWeights(**self.weights))
+        _require(self.teacher in ("cache", "online", "none"), name, "teacher", f"got {self.teacher!r}")
+        _require(self.variant in ("bevdet", "bevdepth"), name, "variant", f"got {self.variant!r}")
+        distills = self.weights.distills
+        _require(not (distills and self.teacher == "none"), name, "teacher",
+                 "distillation weights are > 0 but teacher='none'")
+        _require(not (self.teacher == "cache" and distills and self.cache is None), name, "cache",
+                 "teacher='cache' with distillation needs --cache")
+        _require(not (self.teacher == "online" and self.teacher_checkpoint is None), name, "teacher_checkpoint",
+                 "teacher='online' needs --teacher-checkpoint")
+        _require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, name, "epochs/batch_size/lr",
+                 "must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(dataroot=str(self.dataroot), out_dir=str(self.out_dir),
+                 teacher_checkpoint=None if self.teacher_checkpoint is None else str(self.teacher_checkpoint))
         return d

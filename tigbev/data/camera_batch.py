@@ -1,0 +1,67 @@
+"""The typed batch a camera student trains on (stage two). Shapes are per batch of B samples with N cameras.
+
+Frames: ``cam_from_lidar`` maps the un-augmented key lidar frame to each camera; ``img_aug`` maps original image
+pixels to augmented input pixels (homogeneous 2D: [u', v', 1]^T = img_aug @ [u, v, 1]^T); ``bda`` maps the
+un-augmented lidar frame to the augmented BEV frame the student predicts in (4x4, a similarity about z). Boxes,
+``kp_student_xy`` and ``gt_boxes`` are in the augmented BEV frame; ``kp_teacher_xy`` and the teacher map cells are in
+the un-augmented frame the cache was written in, so one keypoint index names the same physical point in both maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["CameraBatch", "TeacherTargets"]
+
+
+@dataclass
+class TeacherTargets:
+    """Distillation targets of a batch (from the cache, or from the online teacher)."""
+
+    kp_teacher_xy: torch.Tensor  # (B, M, K, 2) float32 metric, un-augmented lidar frame
+    kp_student_xy: torch.Tensor  # (B, M, K, 2) float32 metric, augmented BEV frame (bda applied)
+    box_mask: torch.Tensor  # (B, M) bool, False for padding
+    map_cells: torch.Tensor | None  # (B, F) int64 flat cell index iy * W + ix, -1 for padding; None: dense map
+    map_features: torch.Tensor  # (B, F, C) float16/float32 sparse cells, or (B, C, H, W) dense teacher map
+
+    def to(self, device: torch.device) -> "TeacherTargets":
+        return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                 for f in fields(self)})
+
+    def dense_map(self, height: int, width: int) -> torch.Tensor:
+        """(B, C, H, W) float32 teacher map, zeros where no cell is stored."""
+        if self.map_cells is None:
+            return self.map_features.float()
+        b, _, c = self.map_features.shape
+        out = self.map_features.new_zeros((b, c, height * width), dtype=torch.float32)
+        for i in range(b):
+            keep = self.map_cells[i] >= 0
+            out[i][:, self.map_cells[i][keep]] = self.map_features[i][keep].float().T
+        return out.reshape(b, c, height, width)
+
+
+@dataclass
+class CameraBatch:
+    tokens: list[str]
+    images: torch.Tensor  # (B, N, 3, H, W) float32, normalised (ImageNet mean/std)
+    intrinsics: torch.Tensor  # (B, N, 3, 3) original-image intrinsics
+    cam_from_lidar: torch.Tensor  # (B, N, 4, 4)
+    img_aug: torch.Tensor  # (B, N, 3, 3) original pixel -> augmented input pixel
+    bda: torch.Tensor  # (B, 4, 4) un-augmented lidar -> augmented BEV frame
+    gt_boxes: list[torch.Tensor]  # B x (M_i, 9) augmented BEV frame
+    gt_labels: list[torch.Tensor]  # B x (M_i,) int64
+    depth_m: torch.Tensor  # (B, N, h, w) nearest LiDAR depth per feature cell (0: none), h = ceil(H / stride)
+    depth_box: torch.Tensor  # (B, N, h, w) int64 GT box index within the sample (-1: none)
+    teacher: TeacherTargets | None = None
+
+    def to(self, device: torch.device) -> "CameraBatch":
+        return CameraBatch(
+            tokens=self.tokens, images=self.images.to(device, non_blocking=True),
+            intrinsics=self.intrinsics.to(device), cam_from_lidar=self.cam_from_lidar.to(device),
+            img_aug=self.img_aug.to(device), bda=self.bda.to(device),
+            gt_boxes=[b.to(device) for b in self.gt_boxes], gt_labels=[b.to(device) for b in self.gt_labels],
+            depth_m=self.depth_m.to(device), depth_box=self.depth_box.to(device),
+            teacher=None if self.teacher is None else self.teacher.to(device),
+        )
