@@ -63,3 +63,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def demo_teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo-preset teacher checkpoint with random weights (enough for cache and distillation plumbing)."""
+    import torch
+
+    from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
+    from tigbev.models.teacher.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("demo-teacher") / "last.pt"
+    save_checkpoint(path, {"model": CenterPoint(teacher_preset("demo")).state_dict(),
+                           "teacher_config": teacher_preset("demo").to_dict()})
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_root: Path, demo_teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A foreground float16 cache of synth_train, extracted with ``demo_teacher_ckpt``."""
+    from tigbev.config import ExtractTeacherConfig
+    from tigbev.stages import extract_teacher
+
+    out = tmp_path_factory.mktemp("synth-cache") / "cache"
+    extract_teacher.run(ExtractTeacherConfig(teacher_checkpoint=demo_teacher_ckpt, dataroot=synth_root,
+                                             split="synth_train", out=str(out), workers=0, device="cpu",
+                                             shard_samples=2, batch_size=1), progress=False)
+    return str(out)

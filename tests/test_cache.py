@@ -299,3 +299,21 @@ def test_real_slice_with_the_nuscenes_preset(real_slice_root: Path, tmp_path: Pa
     assert len(s.depth_per_camera) == 6 and min(s.depth_per_camera) > 500
     feats, valid = keypoint_features(reader, s)
     assert feats.shape == (len(s.boxes), 576, 512) and valid.mean() > 0.9
+
+
+def test_samples_without_boxes(teacher_ckpt: Path, synth_root: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real key frames can have no usable box: extraction writes them, readers and tools handle them."""
+    def no_boxes(frame, point_range_m):
+        return np.zeros((0, 9)), np.zeros(0, dtype=np.int64)
+
+    monkeypatch.setattr(extract_teacher, "training_boxes", no_boxes)
+    out = tmp_path / "empty"
+    assert extract_teacher.run(_cfg(teacher_ckpt, synth_root, out), progress=False).complete
+    reader = CacheReader(str(out))
+    s = reader.read(0)
+    assert s.boxes.shape == (0, 9) and s.keypoints.shape == (0, 576, 2) and len(s.map_cells) == 0
+    assert len(s.depth) > 1000 and (s.depth[:, 3] == -1).all()
+    feats, valid = keypoint_features(reader, s)
+    assert feats.shape[0] == 0 and valid.shape == (0, 576)
+    assert verify_cache(str(out)) == []

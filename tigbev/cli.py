@@ -168,6 +168,57 @@ def extract_teacher(
                f"already done, {result.seconds:.1f} s; {state}")
 
 
+@app.command("train-student")
+def train_student(
+    preset: Annotated[str, typer.Option(help="'demo' (CPU-sized) or 'nuscenes' (TiG-BEV-R50).")],
+    dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
+    split: Annotated[str, typer.Option(help="Training split (the cache's).")],
+    out: Annotated[Path, typer.Option(help="Run directory (new, or an existing one with --resume).")],
+    cache: Annotated[str | None, typer.Option(help="Teacher cache of this split (extract-teacher's --out).")] = None,
+    teacher: Annotated[str, typer.Option(help="'cache', 'online' (live teacher each step) or 'none'.")] = "cache",
+    teacher_checkpoint: Annotated[Path | None, typer.Option(help="Teacher checkpoint for --teacher online.")] = None,
+    variant: Annotated[str, typer.Option(help="'bevdepth' (camera-aware depth) or 'bevdet'.")] = "bevdepth",
+    val_split: Annotated[str | None, typer.Option(help="Evaluate the final model on this split.")] = None,
+    w_depth: Annotated[float, typer.Option(help="Dense depth loss weight.")] = 3.0,
+    w_inner_depth: Annotated[float, typer.Option(help="Inner-depth loss weight (TiG).")] = 1.0,
+    w_keypoint: Annotated[float, typer.Option(help="Inter-keypoint distillation weight (TiG).")] = 100.0,
+    w_channel: Annotated[float, typer.Option(help="Inter-channel distillation weight (TiG).")] = 10.0,
+    w_dense_feature: Annotated[float, typer.Option(help="Dense BEV feature MSE (a baseline, not TiG).")] = 0.0,
+    baseline: Annotated[bool, typer.Option(help="No distillation: detection + dense depth only.")] = False,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    batch_size: Annotated[int, typer.Option(min=1)] = 2,
+    lr: Annotated[float, typer.Option(min=0.0)] = 2e-4,
+    workers: Annotated[int, typer.Option(min=0)] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    no_augment: Annotated[bool, typer.Option(help="Disable image and BEV augmentation.")] = False,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
+) -> None:
+    """Train a camera student with the TiG-BEV losses from the cache (or the online teacher, or none)."""
+    from tigbev.config import LossWeights, TrainStudentConfig
+    from tigbev.stages import train_student as stage
+
+    try:
+        weights = LossWeights.baseline() if baseline else LossWeights(
+            depth=w_depth, inner_depth=w_inner_depth, inter_keypoint=w_keypoint, inter_channel=w_channel,
+            dense_feature=w_dense_feature)
+        cfg = TrainStudentConfig(
+            preset=preset, dataroot=dataroot, split=split, out_dir=out, cache=cache,
+            teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
+            teacher_checkpoint=teacher_checkpoint, variant=variant, weights=weights, val_split=val_split,
+            epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
+            augment=not no_augment, max_steps=max_steps,
+        )
+        result = stage.run(cfg)
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"student: {result.steps} steps in {result.seconds:.0f} s ({result.mean_step_s:.2f} s/step), "
+               f"checkpoint {result.checkpoint}")
+    if result.metrics is not None:
+        typer.echo(f"{val_split}: mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
+
+
 cache_app = typer.Typer(help="Inspect and check a teacher cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 

@@ -192,7 +192,7 @@ def keypoint_features(reader: CacheReader, sample) -> tuple[np.ndarray, np.ndarr
     fmap = torch.from_numpy(reader.dense_map(sample))[None]
     xy = torch.from_numpy(sample.keypoints.reshape(1, -1, 2)).float()
     feats, valid = sample_bev(fmap, xy, grid)
-    return feats[0].reshape(m, k, -1).numpy(), valid[0].reshape(m, k).numpy()
+    return feats[0].reshape(m, k, fmap.shape[1]).numpy(), valid[0].reshape(m, k).numpy()
 
 
 def dump_sample(url: str, token: str, out: str | Path) -> Path:

@@ -26,7 +26,8 @@ from tigbev.cache_store import CODECS_DESCRIPTION, CacheWriter, SampleRecord, to
 from tigbev.config import ExtractTeacherConfig
 from tigbev.data.lidar_dataset import training_boxes
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
-from tigbev.geometry import BevGrid, box_keypoints_xy, points_in_boxes, project_to_image
+from tigbev.data.camera_dataset import depth_points
+from tigbev.geometry import BevGrid, box_keypoints_xy
 from tigbev.models.teacher.checkpoint import load_teacher
 from tigbev.models.teacher.frozen import FrozenTeacher
 from tigbev.pipeline.provenance import file_sha256, pick_device, provenance
@@ -70,22 +71,14 @@ class _ExtractDataset(Dataset):
         frame = self.reader.load_sample(self.tokens[i])
         boxes, labels = training_boxes(frame, self.point_range_m)
         keypoints = box_keypoints_xy(boxes, enlarge_m=self.cfg.keypoint_enlarge_m, grid_size=self.cfg.keypoint_grid)
-        key = frame.lidar.key_points
-        inside = points_in_boxes(key, boxes)
-        box_of_point = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
-        rows, counts = [], []
-        for ci, cam in enumerate(frame.cameras):
-            proj = project_to_image(key, cam.cam_from_lidar, cam.intrinsics, (cam.width, cam.height),
-                                    min_depth_m=self.cfg.min_depth_m)
-            rows.append(np.column_stack([proj.uv, proj.depth_m, box_of_point[proj.index],
-                                         np.full(len(proj), ci)]))
-            counts.append(len(proj))
+        # Every camera's LiDAR depth, in the cache's row layout (shared with the camera dataset's no-cache path).
+        depth = depth_points(frame, boxes, min_depth_m=self.cfg.min_depth_m)
+        counts = np.bincount(depth[:, 4].astype(np.int64), minlength=len(CAMERA_CHANNELS)).tolist()
         return _Item(
             sample_idx=i, token=frame.token, scene=frame.scene_name, timestamp_us=frame.timestamp_us,
             points=torch.from_numpy(frame.lidar.points),
             boxes=np.concatenate([boxes, labels[:, None]], axis=1).astype(np.float32),
-            keypoints=keypoints.astype(np.float32), depth=np.concatenate(rows).astype(np.float32),
-            depth_per_camera=counts,
+            keypoints=keypoints.astype(np.float32), depth=depth, depth_per_camera=counts,
         )
 
 

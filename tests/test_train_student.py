@@ -1,0 +1,133 @@
+"""Stage two: cache mode without the teacher, seeds sharing a cache, refusal of foreign caches, cache vs online
+targets, resume, and DDP under torchrun."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tigbev.cache_store import CacheError, CacheReader
+from tigbev.config import LossWeights, TrainStudentConfig
+from tigbev.data.augment import BevAugmentPolicy
+from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
+from tigbev.data.image_aug import ImageAugPolicy
+from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.geometry import BevGrid
+from tigbev.stages import train_student
+from tigbev.stages.train_student import DistillationModel, _OnlineTeacher
+
+SPLIT = "synth_train"
+
+
+def _cfg(root: Path, out: Path, cache: str | None, **kw) -> TrainStudentConfig:
+    base = dict(preset="demo", dataroot=root, split=SPLIT, out_dir=out, cache=cache, epochs=1, batch_size=2,
+                workers=0, device="cpu", max_steps=1)
+    return TrainStudentConfig(**{**base, **kw})
+
+
+def test_cache_mode_never_imports_the_teacher(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "spconv" or name.startswith("spconv.") or name.startswith("tigbev.models.teacher"):
+                    raise ImportError(f"blocked import: {{name}}")
+                return None
+        sys.meta_path.insert(0, Block())
+        from tigbev.config import TrainStudentConfig
+        from tigbev.stages import train_student
+        r = train_student.run(TrainStudentConfig(preset="demo", dataroot={str(synth_root)!r}, split="synth_train",
+                              out_dir={str(tmp_path / "run")!r}, cache={synth_cache!r}, epochs=1, batch_size=2,
+                              workers=0, device="cpu", max_steps=1), progress=False)
+        assert r.steps == 1
+        assert not any(m == "spconv" or m.startswith("tigbev.models.teacher") for m in sys.modules)
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_two_seeds_share_one_cache_and_resume(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    a = train_student.run(_cfg(synth_root, tmp_path / "a", synth_cache, seed=0), progress=False)
+    b = train_student.run(_cfg(synth_root, tmp_path / "b", synth_cache, seed=1), progress=False)
+    ca, cb = (torch.load(r.checkpoint, weights_only=True) for r in (a, b))
+    assert ca["cache"] == cb["cache"] and ca["cache"]["url"] == synth_cache
+    assert {"inter_keypoint", "inter_channel", "inner_depth", "depth", "heatmap", "bbox"} <= set(a.final_losses)
+    key = "student.head.shared_conv.conv.weight"
+    assert not torch.equal(ca["model"][key], cb["model"][key])
+    resumed = train_student.run(_cfg(synth_root, tmp_path / "a", synth_cache, seed=0, max_steps=2, resume=True),
+                                progress=False)
+    assert resumed.steps == 2
+    assert (tmp_path / "a" / "loss_curve.png").is_file()
+
+
+def test_a_cache_of_another_split_is_refused(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="split: cache has 'synth_train', expected 'synth_val'"):
+        train_student.run(_cfg(synth_root, tmp_path / "x", synth_cache, split="synth_val"), progress=False)
+
+
+def test_cache_targets_equal_online_targets(synth_root: Path, synth_cache: str, demo_teacher_ckpt: Path) -> None:
+    """On an un-augmented batch the distillation losses from the cache equal those from the live teacher."""
+    reader = NuScenesReader(synth_root)
+    cache = CacheReader(synth_cache)
+    cfg = _cfg(synth_root, Path("unused"), synth_cache)
+    from tigbev.models.student.student import student_preset
+
+    scfg = student_preset("demo")
+    grid = BevGrid(**cache.manifest.grid)
+    ds = CameraDetectionDataset(reader, reader.sample_tokens(SPLIT), cache=cache, split=SPLIT,
+                                input_hw=scfg.input_hw, feature_stride=16,
+                                image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=None, train=False)
+    batch = collate_camera([ds[0], ds[1]])
+    torch.manual_seed(0)
+    model = DistillationModel(scfg, cfg, grid, cache.manifest.features.channels).eval()
+    with torch.no_grad():
+        from_cache = model(batch, batch.teacher.dense_map(*grid.shape_hw))
+        online = _OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
+        batch.teacher, fmap = online.targets(batch)
+        from_online = model(batch, fmap)
+    for k in ("inter_keypoint", "inter_channel"):
+        assert from_cache[k] > 0
+        assert float(from_cache[k]) == pytest.approx(float(from_online[k]), rel=2e-3), k
+
+
+def test_augmented_keypoints_are_the_same_physical_points(synth_root: Path, synth_cache: str) -> None:
+    reader = NuScenesReader(synth_root)
+    cache = CacheReader(synth_cache)
+    ds = CameraDetectionDataset(reader, reader.sample_tokens(SPLIT), cache=cache, split=SPLIT, input_hw=(128, 352),
+                                feature_stride=16, image_policy=ImageAugPolicy(input_hw=(128, 352)),
+                                bda_policy=BevAugmentPolicy(p_flip=1.0), seed=3, train=True)
+    s = ds[1]
+    bda = s.bda.double().numpy()
+    np.testing.assert_allclose(s.kp_student_xy.double().numpy(), s.kp_teacher_xy.double().numpy() @ bda[:2, :2].T,
+                               atol=1e-4)
+    # The centre keypoint of each box's lattice lands on the augmented box centre.
+    g = 24
+    centre = (s.kp_student_xy[:, (g // 2) * g + g // 2] + s.kp_student_xy[:, (g // 2 - 1) * g + g // 2 - 1]) / 2
+    np.testing.assert_allclose(centre.numpy(), s.boxes[:, :2].numpy(), atol=1e-3)
+
+
+def test_torchrun_two_processes_train_with_ddp(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "tigbev.cli", "train-student", "--preset", "demo", "--dataroot", str(synth_root), "--split", SPLIT,
+           "--out", str(out), "--cache", synth_cache, "--epochs", "1", "--batch-size", "1", "--workers", "0",
+           "--device", "cpu", "--max-steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (out / "last.pt").is_file()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2
+
+
+def test_loss_weights_zero_is_the_baseline() -> None:
+    w = LossWeights.baseline()
+    assert not w.distills and w.depth > 0 and w.inner_depth == 0
+    with pytest.raises(ValueError, match="teacher"):
+        TrainStudentConfig(preset="demo", dataroot=".", split="s", out_dir="o", teacher="none")

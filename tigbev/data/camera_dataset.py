@@ -1,0 +1,257 @@
+"""Camera-student samples (stage two): six augmented images, their geometry, GT, depth targets and teacher targets.
+
+Per sample one :class:`~tigbev.data.image_aug.ImageTransform` per camera and one BDA
+:class:`~tigbev.data.augment.BevTransform` are drawn from ``(seed, epoch, index)`` and replayed on everything:
+
+- images: resampled by the image transform, then ImageNet-normalised;
+- LiDAR depth: points ``(u, v)`` in original pixels (from the cache, or projected here from the key sweep when no
+  cache is given) go through the image transform, then the nearest point per feature cell is kept
+  (``nearest_depth_map``); depth along the optical axis does not change under a 2D similarity of the image;
+- GT boxes and ``kp_student_xy``: through the BDA matrix; ``kp_teacher_xy`` and teacher map cells stay in the
+  un-augmented frame the cache was written in, so keypoint ``k`` of box ``m`` names the same physical point in the
+  student's (augmented) map and in the teacher's map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import Dataset
+
+from tigbev.cache_store import CacheError, CacheReader
+from tigbev.data.augment import BevAugmentPolicy, BevTransform
+from tigbev.data.camera_batch import CameraBatch, TeacherTargets
+from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
+from tigbev.data.lidar_dataset import training_boxes
+from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
+from tigbev.data.types import SampleFrame
+from tigbev.geometry import BevGrid, points_in_boxes, project_to_image
+from tigbev.models.losses import nearest_depth_map
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CameraDetectionDataset", "CameraSample", "collate_camera",
+           "depth_points"]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # RGB, of images scaled to [0, 1]
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass
+class CameraSample:
+    """One sample as the dataset returns it; :func:`collate_camera` batches these into a :class:`CameraBatch`."""
+
+    token: str
+    images: torch.Tensor  # (N, 3, H, W) float32, normalised
+    intrinsics: torch.Tensor  # (N, 3, 3) original-image intrinsics
+    cam_from_lidar: torch.Tensor  # (N, 4, 4)
+    img_aug: torch.Tensor  # (N, 3, 3) original pixel -> augmented pixel
+    bda: torch.Tensor  # (4, 4)
+    boxes: torch.Tensor  # (M, 9) float32, augmented BEV frame
+    labels: torch.Tensor  # (M,) int64
+    depth_m: torch.Tensor  # (N, h, w) float32, 0: no LiDAR point
+    depth_box: torch.Tensor  # (N, h, w) int64, -1: none
+    kp_teacher_xy: torch.Tensor | None = None  # (M, K, 2) float32, un-augmented frame
+    kp_student_xy: torch.Tensor | None = None  # (M, K, 2) float32, augmented frame
+    map_cells: torch.Tensor | None = None  # (F,) int64 foreground mode; None in dense mode
+    map_features: torch.Tensor | None = None  # (F, C) or (C, H, W) float16
+
+
+def depth_points(frame: SampleFrame, boxes: NDArray, *, min_depth_m: float) -> NDArray[np.float32]:
+    """The key sweep projected into each camera, in the cache's layout (cache_schema.DEPTH_COLUMNS): rows
+    (u, v, depth_m, box index, camera index) in original pixels, float32, sorted by camera (CAMERA_CHANNELS order).
+
+    ``boxes`` (M, >=7) in the un-augmented lidar frame; a point inside several boxes takes the first.
+    """
+    key = frame.lidar.key_points
+    inside = points_in_boxes(key, boxes)
+    box_of_point = np.full(len(key), -1, dtype=np.int64)
+    if inside.shape[1]:  # argmax of an empty row is an error
+        box_of_point = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+    rows = []
+    for ci, channel in enumerate(CAMERA_CHANNELS):
+        cam = frame.camera(channel)
+        proj = project_to_image(key, cam.cam_from_lidar, cam.intrinsics, (cam.width, cam.height),
+                                min_depth_m=min_depth_m)
+        rows.append(np.column_stack([proj.uv, proj.depth_m, box_of_point[proj.index], np.full(len(proj), ci)]))
+    return np.concatenate(rows).astype(np.float32).reshape(-1, 5)
+
+
+class CameraDetectionDataset(Dataset):
+    """Samples of one split for the camera student.
+
+    Args:
+        reader: the dataset (``num_sweeps=1`` is enough: the student uses the key sweep only, and only without cache).
+        tokens: the split's sample tokens, in order (with a cache: exactly the tokens it was extracted from).
+        cache: the teacher cache; GT boxes, depth points and teacher targets come from it. ``None``: GT boxes from
+            ``training_boxes(frame, point_range_m)`` and depth from the key sweep; no teacher targets.
+        split: the split name; the cache must have been extracted from it (checked once, here).
+        cache_grid: the teacher BEV grid the student expects; a cache on another grid is refused.
+        input_hw: network input (H, W) in pixels; must equal ``image_policy.input_hw``.
+        feature_stride: pixels per depth-target cell (16 for a stride-16 image backbone).
+        image_policy: image augmentation; with ``train=False`` its :meth:`~ImageAugPolicy.eval_transform` is used.
+        bda_policy: BEV augmentation, used when ``train``; ``None``: none.
+        seed: augmentation depends on ``(seed, epoch, index)`` only (see :meth:`set_epoch`).
+        train: draw random augmentation; ``False``: deterministic eval transform and no BDA.
+        point_range_m: (x0, y0, z0, x1, y1, z1) box filter without a cache (the teacher's point range).
+        min_depth_m: nearest depth projected without a cache (the extraction's ``min_depth_m``).
+    """
+
+    def __init__(self, reader: NuScenesReader, tokens: Sequence[str], *, cache: CacheReader | None,
+                 input_hw: tuple[int, int], feature_stride: int, image_policy: ImageAugPolicy,
+                 bda_policy: BevAugmentPolicy | None, seed: int = 0, train: bool = True, split: str | None = None,
+                 cache_grid: BevGrid | None = None, point_range_m: Sequence[float] | None = None,
+                 min_depth_m: float = 0.5):
+        self.reader = reader
+        self.tokens = list(tokens)
+        self.cache = cache
+        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        if tuple(image_policy.input_hw) != self.input_hw:
+            raise ValueError(f"input_hw {self.input_hw} differs from image_policy.input_hw {image_policy.input_hw}")
+        if feature_stride < 1:
+            raise ValueError(f"feature_stride must be >= 1, got {feature_stride}")
+        self.feature_stride = int(feature_stride)
+        self.image_policy = image_policy
+        self.bda_policy = bda_policy
+        self.seed = seed
+        self.train = train
+        self.epoch = 0
+        self.point_range_m = None if point_range_m is None else tuple(point_range_m)
+        self.min_depth_m = min_depth_m
+        if cache is None:
+            if self.point_range_m is None:
+                raise ValueError("without a cache, point_range_m (the GT box filter) is required")
+        else:
+            if split is None:
+                raise ValueError("with a cache, the split name is required to check that the cache belongs to it")
+            cache.check_compatible(version=reader.version, split=split, tokens=self.tokens,
+                                   grid=None if cache_grid is None else cache_grid.to_dict())
+            cameras = list(cache.manifest.depth.get("cameras", []))
+            if cameras != list(CAMERA_CHANNELS):
+                raise CacheError(f"cache {cache.url} indexes cameras as {cameras}, expected {list(CAMERA_CHANNELS)}")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation depends on (seed, epoch, index): reproducible, different every epoch, same in any worker."""
+        self.epoch = epoch
+
+    def transforms(self, index: int, image_whs: Sequence[tuple[int, int]]
+                   ) -> tuple[list[ImageTransform], BevTransform]:
+        """The augmentation of sample ``index`` this epoch: one image transform per camera, one BDA.
+
+        Independent random streams per camera and for the BDA, so switching BDA off leaves the image
+        augmentation unchanged (clean ablations).
+        """
+        if not self.train:
+            return [self.image_policy.eval_transform(wh) for wh in image_whs], BevTransform()
+        streams = np.random.SeedSequence([self.seed, self.epoch, index]).spawn(1 + len(image_whs))
+        bda = BevTransform() if self.bda_policy is None else self.bda_policy.sample(np.random.default_rng(streams[0]))
+        img = [self.image_policy.sample(np.random.default_rng(s), wh) for s, wh in zip(streams[1:], image_whs)]
+        return img, bda
+
+    def __getitem__(self, index: int) -> CameraSample:
+        token = self.tokens[index]
+        frame = self.reader.load_sample(token)
+        cams = [frame.camera(ch) for ch in CAMERA_CHANNELS]
+        img_tfs, bda = self.transforms(index, [(c.width, c.height) for c in cams])
+
+        cached = None
+        if self.cache is not None:
+            cached = self.cache.read(self.cache.sample_idx(token))
+            boxes, labels, depth = cached.boxes, cached.labels, cached.depth
+        else:
+            boxes, labels = training_boxes(frame, self.point_range_m)
+            depth = depth_points(frame, boxes, min_depth_m=self.min_depth_m)
+
+        images = np.stack([_normalise(t.apply_image(c.load_image())) for c, t in zip(cams, img_tfs)])  # (N, 3, H, W)
+        depth_maps, box_maps = [], []
+        cam_of_point = depth[:, 4].astype(np.int64)
+        for ci, t in enumerate(img_tfs):
+            d = depth[cam_of_point == ci]
+            dm, bm = nearest_depth_map(torch.from_numpy(t.apply_points(d[:, :2])), torch.from_numpy(d[:, 2]),
+                                       torch.from_numpy(d[:, 3].astype(np.int64)), self.input_hw,
+                                       self.feature_stride)
+            depth_maps.append(dm)
+            box_maps.append(bm)
+
+        sample = CameraSample(
+            token=token,
+            images=torch.from_numpy(images),
+            intrinsics=torch.from_numpy(np.stack([c.intrinsics for c in cams]).astype(np.float32)),
+            cam_from_lidar=torch.from_numpy(np.stack([c.cam_from_lidar for c in cams]).astype(np.float32)),
+            img_aug=torch.from_numpy(np.stack([t.matrix for t in img_tfs]).astype(np.float32)),
+            bda=torch.from_numpy(bda.matrix.astype(np.float32)),
+            boxes=torch.from_numpy(bda.apply_boxes(np.asarray(boxes, np.float64).reshape(-1, 9)).astype(np.float32)),
+            labels=torch.from_numpy(np.asarray(labels, np.int64)),
+            depth_m=torch.stack(depth_maps),
+            depth_box=torch.stack(box_maps),
+        )
+        if cached is not None:
+            kp = cached.keypoints  # (M, K, 2), un-augmented frame
+            sample.kp_teacher_xy = torch.from_numpy(np.ascontiguousarray(kp, np.float32))
+            sample.kp_student_xy = torch.from_numpy(bda.apply_xy(kp).astype(np.float32))
+            sample.map_cells = None if cached.map_cells is None else torch.from_numpy(cached.map_cells)
+            # fp16 as stored (exact for fp16 caches; int8 caches dequantise well within fp16's precision).
+            sample.map_features = torch.from_numpy(cached.map_features.astype(np.float16))
+        return sample
+
+
+def _normalise(image: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32, ImageNet mean/std."""
+    x = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def collate_camera(items: Sequence[CameraSample]) -> CameraBatch:
+    """Stack samples; boxes stay per-sample lists; teacher keypoints are padded to the largest box count
+    (``box_mask`` False on padding) and foreground teacher cells to the largest cell count (index -1, zeros)."""
+    if not items:
+        raise ValueError("collate_camera needs at least one sample")
+    with_teacher = [s.kp_teacher_xy is not None for s in items]
+    if any(with_teacher) != all(with_teacher):
+        raise ValueError("a batch mixes samples with and without teacher targets")
+    teacher = _collate_teacher(items) if all(with_teacher) else None
+    return CameraBatch(
+        tokens=[s.token for s in items],
+        images=torch.stack([s.images for s in items]),
+        intrinsics=torch.stack([s.intrinsics for s in items]),
+        cam_from_lidar=torch.stack([s.cam_from_lidar for s in items]),
+        img_aug=torch.stack([s.img_aug for s in items]),
+        bda=torch.stack([s.bda for s in items]),
+        gt_boxes=[s.boxes for s in items],
+        gt_labels=[s.labels for s in items],
+        depth_m=torch.stack([s.depth_m for s in items]),
+        depth_box=torch.stack([s.depth_box for s in items]),
+        teacher=teacher,
+    )
+
+
+def _collate_teacher(items: Sequence[CameraSample]) -> TeacherTargets:
+    b = len(items)
+    m_max = max(len(s.kp_teacher_xy) for s in items)
+    k = items[0].kp_teacher_xy.shape[1]
+    kp_t = torch.zeros((b, m_max, k, 2), dtype=torch.float32)
+    kp_s = torch.zeros((b, m_max, k, 2), dtype=torch.float32)
+    box_mask = torch.zeros((b, m_max), dtype=torch.bool)
+    for i, s in enumerate(items):
+        m = len(s.kp_teacher_xy)
+        kp_t[i, :m], kp_s[i, :m], box_mask[i, :m] = s.kp_teacher_xy, s.kp_student_xy, True
+    dense = [s.map_cells is None for s in items]
+    if any(dense) != all(dense):
+        raise ValueError("a batch mixes dense and foreground teacher maps")
+    if all(dense):
+        cells, feats = None, torch.stack([s.map_features for s in items])  # (B, C, H, W)
+    else:
+        f_max = max(len(s.map_cells) for s in items)
+        c = items[0].map_features.shape[1]
+        cells = torch.full((b, f_max), -1, dtype=torch.int64)
+        feats = torch.zeros((b, f_max, c), dtype=items[0].map_features.dtype)
+        for i, s in enumerate(items):
+            f = len(s.map_cells)
+            cells[i, :f], feats[i, :f] = s.map_cells, s.map_features
+    return TeacherTargets(kp_teacher_xy=kp_t, kp_student_xy=kp_s, box_mask=box_mask, map_cells=cells,
+                          map_features=feats)

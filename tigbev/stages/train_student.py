@@ -1,0 +1,363 @@
+"""Stage two: train a camera student from images plus the teacher cache (``tigbev train-student``).
+
+The loop is the whole story (DETR-style): batch -> student forward -> named losses -> weighted sum -> stop on a
+non-finite loss -> backward -> clip -> step. Distillation targets come from the cache (no teacher, no spconv
+imported: tests prove it), or with ``teacher='online'`` from the frozen LiDAR teacher run on every batch, the
+published way, kept as the baseline the benchmarks compare against. Under ``torchrun`` it trains with DDP (gloo on
+CPU, nccl on CUDA) and a distributed sampler.
+
+Run directory: ``config.json``, ``last.pt`` (student weights + config + the cache's fingerprint + provenance +
+optimiser state), ``metrics.jsonl``, ``loss_curve.png``, and with a val split ``eval/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from tigbev.cache_store import CacheReader
+from tigbev.config import TrainStudentConfig
+from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes
+from tigbev.data.camera_batch import CameraBatch, TeacherTargets
+from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
+from tigbev.data.image_aug import ImageAugPolicy
+from tigbev.data.nuscenes_reader import LIDAR_CHANNEL, NuScenesReader
+from tigbev.errors import TigbevError
+from tigbev.geometry import BevGrid, box_keypoints_xy
+from tigbev.models.bev_sampling import sample_bev
+from tigbev.models.heads import numpy_detections
+from tigbev.models.losses import DenseDepthLoss, DenseFeatureMSE, InnerDepthLoss, InnerFeatureDistillation
+from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
+from tigbev.pipeline.plots import plot_loss_curves
+from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+
+__all__ = ["DistillationModel", "TrainStudentResult", "evaluate_student", "run"]
+
+_LOG_EVERY = 5
+# The teacher's box filter when there is no cache (teacher point range); the nuScenes range of both presets.
+_POINT_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+CHECKPOINT_FORMAT = "tigbev-student/1"
+
+
+@dataclass(frozen=True)
+class TrainStudentResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    mean_step_s: float
+    final_losses: dict[str, float]
+    metrics: dict[str, Any] | None
+
+
+class DistillationModel(nn.Module):
+    """The student and every trainable piece of its losses (the inter-channel adapter, the dense-MSE adapter), so
+    one optimiser and one DDP wrapper hold them all. ``forward`` returns the named, weighted losses."""
+
+    def __init__(self, student_cfg: StudentConfig, cfg: TrainStudentConfig, teacher_grid: BevGrid | None,
+                 teacher_channels: int | None):
+        super().__init__()
+        self.student = CameraStudent(student_cfg)
+        self.weights = cfg.weights
+        self.dense_depth = DenseDepthLoss(student_cfg.depth_bins)
+        self.inner_depth = InnerDepthLoss()
+        self.teacher_grid = teacher_grid
+        self.distill = None
+        self.dense_mse = None
+        if teacher_grid is not None and teacher_channels is not None:
+            self.distill = InnerFeatureDistillation(
+                student_cfg.bev_channels, teacher_channels, student_grid=student_cfg.bev_grid,
+                teacher_grid=teacher_grid, weight_keypoint=cfg.weights.inter_keypoint,
+                weight_channel=cfg.weights.inter_channel)
+            if cfg.weights.dense_feature > 0:
+                self.dense_mse = DenseFeatureMSE(student_cfg.bev_channels, teacher_channels,
+                                                 student_grid=student_cfg.bev_grid, teacher_grid=student_cfg.bev_grid)
+
+    def forward(self, batch: CameraBatch, teacher_map: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out = self.student(batch)
+        head = self.student.head
+        losses = head.loss(out.preds, head.build_targets(batch.gt_boxes, batch.gt_labels))  # heatmap, bbox
+        depth_m = batch.depth_m.flatten(0, 1)  # (B*N, h, w)
+        w = self.weights
+        if w.depth > 0:
+            losses["depth"] = w.depth * self.dense_depth(out.depth_logits, depth_m)
+        if w.inner_depth > 0:
+            centers = self.student.depth_bins.centers_m(out.depth_logits.device)
+            losses["inner_depth"] = w.inner_depth * self.inner_depth(out.depth_logits, centers, depth_m,
+                                                                     batch.depth_box.flatten(0, 1))
+        if self.distill is not None and teacher_map is not None and batch.teacher is not None:
+            t = batch.teacher
+            losses.update(self.distill(out.bev_features, t.kp_student_xy, t.box_mask, teacher_bev=teacher_map,
+                                       teacher_keypoints_xy=t.kp_teacher_xy))
+            if self.dense_mse is not None:
+                warped = _teacher_in_student_frame(teacher_map, batch.bda, self.teacher_grid,
+                                                   self.student.cfg.bev_grid)
+                losses["dense_feature"] = w.dense_feature * self.dense_mse(out.bev_features, warped)
+        return losses
+
+
+def _teacher_in_student_frame(teacher_map: torch.Tensor, bda: torch.Tensor, teacher_grid: BevGrid,
+                              student_grid: BevGrid) -> torch.Tensor:
+    """The teacher map resampled at the student's cell centres (augmented frame -> un-augmented via inv(bda))."""
+    b = teacher_map.shape[0]
+    centers = torch.from_numpy(student_grid.cell_centers_xy()).to(teacher_map).reshape(1, -1, 2).expand(b, -1, -1)
+    inv = torch.linalg.inv(bda.float())[:, :2, :2]  # BDA is linear (rotation, scale, flips) about the origin
+    xy = torch.einsum("bij,bnj->bni", inv, centers)
+    feats, _ = sample_bev(teacher_map.float(), xy, teacher_grid)  # (B, H*W, C)
+    h, w = student_grid.shape_hw
+    return feats.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class _OnlineTeacher:
+    """The published way: the frozen teacher runs on each batch's LiDAR (loaded here, un-augmented)."""
+
+    def __init__(self, checkpoint: Path, reader: NuScenesReader, device: torch.device):
+        from tigbev.models.teacher.checkpoint import load_teacher  # imported only in online mode
+        from tigbev.models.teacher.frozen import FrozenTeacher
+
+        model, self.cfg, self.ckpt = load_teacher(checkpoint, device)
+        self.teacher = FrozenTeacher(model)
+        self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.cfg.num_sweeps)
+        self.device = device
+
+    def targets(self, batch: CameraBatch, grid_size: int = 24, enlarge_m: float = 1.6
+                ) -> tuple[TeacherTargets, torch.Tensor]:
+        points, kp_t, kp_s = [], [], []
+        for token, boxes, bda in zip(batch.tokens, batch.gt_boxes, batch.bda):
+            points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
+            inv = np.linalg.inv(bda.cpu().double().numpy())
+            raw = similarity_apply_boxes(inv, boxes.cpu().double().numpy())  # back to the un-augmented frame
+            kp = box_keypoints_xy(raw, enlarge_m=enlarge_m, grid_size=grid_size)
+            kp_t.append(torch.from_numpy(kp).float())
+            kp_s.append(torch.from_numpy(kp @ bda.cpu().double().numpy()[:2, :2].T).float())
+        m_max = max([len(k) for k in kp_t] + [0])
+        k = grid_size * grid_size
+        b = len(kp_t)
+        kt, ks = torch.zeros((b, m_max, k, 2)), torch.zeros((b, m_max, k, 2))
+        mask = torch.zeros((b, m_max), dtype=torch.bool)
+        for i in range(b):
+            kt[i, :len(kp_t[i])], ks[i, :len(kp_s[i])], mask[i, :len(kp_t[i])] = kp_t[i], kp_s[i], True
+        fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), an ordinary tensor
+        targets = TeacherTargets(kp_teacher_xy=kt, kp_student_xy=ks, box_mask=mask, map_cells=None,
+                                 map_features=fmap).to(self.device)
+        return targets, fmap
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    rank, world, local_rank = _distributed()
+    device = pick_device(cfg.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    out = cfg.out_dir
+    ckpt_path = out / "last.pt"
+    if rank == 0:
+        if out.exists() and any(out.iterdir()) and not cfg.resume:
+            raise TigbevError(f"run directory {out} is not empty; pass --resume to continue it or choose a new one")
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    scfg = student_preset(cfg.preset, variant=cfg.variant)
+
+    reader = NuScenesReader(cfg.dataroot)
+    tokens = reader.sample_tokens(cfg.split)
+    cache = None
+    teacher_grid: BevGrid | None = None
+    teacher_channels: int | None = None
+    online: _OnlineTeacher | None = None
+    cache_fingerprint: dict[str, Any] | None = None
+    if cfg.teacher == "cache" and cfg.cache is not None:
+        cache = CacheReader(cfg.cache)
+        teacher_grid = BevGrid(**cache.manifest.grid)
+        teacher_channels = cache.manifest.features.channels
+        cache_fingerprint = {"teacher": cache.manifest.teacher.checkpoint_sha256,
+                             "dataset": cache.manifest.to_dict()["dataset"], "url": cache.url}
+    elif cfg.teacher == "online":
+        online = _OnlineTeacher(cfg.teacher_checkpoint, reader, device)
+        teacher_grid, teacher_channels = online.cfg.bev_grid, online.cfg.bev_channels
+    if rank == 0:
+        write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "student": scfg.to_dict(),
+                                                "cache": cache_fingerprint})
+
+    dataset = CameraDetectionDataset(
+        reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
+        image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=BevAugmentPolicy() if cfg.augment else None,
+        seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
+        min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
+    )
+    model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    per_rank = math.ceil(len(dataset) / world)
+    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+    schedule_steps = cfg.epochs * steps_per_epoch
+    total_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
+    # Linear warm-up, then the published step decay at 19/24 and 23/24 of training (x0.1 each).
+    milestones = (round(schedule_steps * 19 / 24), round(schedule_steps * 23 / 24))
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        return warm * (0.1 ** sum(step >= m for m in milestones))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    epoch0, step = 0, 0
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise TigbevError(f"{ckpt_path} is not a tigbev student checkpoint")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        epoch0, step = ckpt["epoch"], ckpt["step"]
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    log_path = out / "metrics.jsonl"
+    history: dict[str, list[float]] = {}
+    history_steps: list[int] = []
+    step_times: list[float] = []
+    last: dict[str, float] = {}
+    th, tw = (teacher_grid.shape_hw if teacher_grid is not None else (0, 0))
+    model.train()
+    log = log_path.open("a") if rank == 0 else None
+    try:
+        for epoch in range(epoch0, cfg.epochs):
+            if step >= total_steps:
+                break
+            dataset.set_epoch(epoch)
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) \
+                if world > 1 else None
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                                collate_fn=collate_camera, num_workers=cfg.workers,
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            bar = tqdm(loader, desc=f"student epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=not progress or rank != 0)
+            finished_epoch = True
+            for batch in bar:
+                t0 = time.perf_counter()
+                batch = batch.to(device)
+                teacher_map = None
+                if online is not None:
+                    batch.teacher, teacher_map = online.targets(batch)
+                elif batch.teacher is not None:
+                    teacher_map = batch.teacher.dense_map(th, tw)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    losses = train_model(batch, teacher_map)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise TigbevError(f"non-finite student loss at step {step} (samples {batch.tokens}): "
+                                      f"{ {k: float(v) for k, v in losses.items()} }")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_times.append(time.perf_counter() - t0)
+                last = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+                bar.set_postfix(loss=f"{last['total']:.3f}")
+                if log is not None and (step % _LOG_EVERY == 0 or step == total_steps):
+                    log.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, **last,
+                                          "lr": scheduler.get_last_lr()[0], "step_s": step_times[-1]}) + "\n")
+                    log.flush()
+                    history_steps.append(step)
+                    for k, v in last.items():
+                        history.setdefault(k, []).append(v)
+                if step >= total_steps:
+                    finished_epoch = step % steps_per_epoch == 0
+                    break
+            if rank == 0:
+                torch.save({
+                    "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "student_config": scfg.to_dict(),
+                    "train_config": cfg.to_dict(), "cache": cache_fingerprint,
+                    "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, cache=cfg.cache),
+                    # An epoch cut short by max_steps is redone on resume (from its start; steps keep counting).
+                    "epoch": epoch + 1 if finished_epoch else epoch, "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }, out / ".last.pt.tmp")
+                (out / ".last.pt.tmp").replace(ckpt_path)
+    finally:
+        if log is not None:
+            log.close()
+    metrics = None
+    if rank == 0:
+        if history_steps:
+            plot_loss_curves(out / "loss_curve.png", history_steps, history, f"camera student ({cfg.preset})")
+        if cfg.val_split is not None:
+            metrics = evaluate_student(model.student, reader, cfg.val_split, out / "eval", device,
+                                       batch_size=cfg.batch_size, progress=progress)
+    # The first steps pay for allocation and worker start-up: the mean step time skips them when it can.
+    timed = step_times[2:] if len(step_times) > 4 else step_times
+    return TrainStudentResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
+                              mean_step_s=float(np.mean(timed)) if timed else float("nan"), final_losses=last,
+                              metrics=metrics)
+
+
+def evaluate_student(student: CameraStudent, reader: NuScenesReader, split: str, out_dir: Path,
+                     device: torch.device, *, batch_size: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Official metrics of a camera student on a split (deterministic eval transform, no BDA)."""
+    from tqdm import tqdm
+
+    from tigbev.data.classes import DETECTION_CLASSES, attribute_from_velocity
+    from tigbev.data.results import detection_records, evaluate_detection, write_results
+    from tigbev.pipeline.detection_eval import summarize_metrics
+
+    scfg = student.cfg
+    tokens = reader.sample_tokens(split)
+    dataset = CameraDetectionDataset(reader, tokens, cache=None, input_hw=scfg.input_hw,
+                                     feature_stride=FEATURE_STRIDE, image_policy=ImageAugPolicy(input_hw=scfg.input_hw),
+                                     bda_policy=None, train=False, point_range_m=_POINT_RANGE)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_camera)
+    student.eval()
+    results: dict[str, list[dict[str, Any]]] = {}
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=f"predict {split}", unit="batch", disable=not progress):
+            batch = batch.to(device)
+            dets = student.head.decode(student(batch).preds)
+            for token, det in zip(batch.tokens, dets):
+                boxes, scores, labels = numpy_detections(det)
+                lidar_token = reader.nusc.get("sample", token)["data"][LIDAR_CHANNEL]
+                attrs = [attribute_from_velocity(DETECTION_CLASSES[int(lb)], float(np.hypot(*b[7:9])))
+                         for b, lb in zip(boxes, labels)]
+                results[token] = detection_records(token, boxes, labels, scores,
+                                                   reader.global_from_sensor(lidar_token), attrs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_results(out_dir / "results_nusc.json", results, use_camera=True, use_lidar=False)
+    summary = summarize_metrics(evaluate_detection(reader.nusc, path, split, out_dir / "devkit"))
+    write_json_atomic(out_dir / "metrics.json", {"split": split, **summary})
+    return summary
