@@ -27,7 +27,7 @@ from tigbev.data.augment import BevAugmentPolicy, BevTransform
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.lidar_dataset import training_boxes
-from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
+from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL, NuScenesReader
 from tigbev.data.types import SampleFrame
 from tigbev.geometry import BevGrid, points_in_boxes, project_to_image
 from tigbev.models.losses import nearest_depth_map
@@ -155,8 +155,15 @@ class CameraDetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> CameraSample:
         token = self.tokens[index]
-        frame = self.reader.load_sample(token)
-        cams = [frame.camera(ch) for ch in CAMERA_CHANNELS]
+        if self.cache is not None:
+            # Boxes and depth come from the cache: read only the camera records, not LiDAR or annotations.
+            record = self.reader.nusc.get("sample", token)
+            views = {v.channel: v for v in self.reader.load_cameras(record, record["data"][LIDAR_CHANNEL])}
+            frame = None
+        else:
+            frame = self.reader.load_sample(token)
+            views = {v.channel: v for v in frame.cameras}
+        cams = [views[ch] for ch in CAMERA_CHANNELS]
         img_tfs, bda = self.transforms(index, [(c.width, c.height) for c in cams])
 
         cached = None
