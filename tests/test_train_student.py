@@ -131,3 +131,25 @@ def test_loss_weights_zero_is_the_baseline() -> None:
     assert not w.distills and w.depth > 0 and w.inner_depth == 0
     with pytest.raises(ValueError, match="teacher"):
         TrainStudentConfig(preset="demo", dataroot=".", split="s", out_dir="o", teacher="none")
+
+
+def test_backbone_starts_from_local_imagenet_weights(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    from tigbev.models.student.resnet import ResNet, WeightsError
+    from tigbev.models.student.student import student_preset
+
+    scfg = student_preset("demo")
+    torch.manual_seed(7)
+    source = ResNet(scfg.backbone, width=scfg.backbone_width, out_layers=(3, 4))
+    weights = {k: v for k, v in source.state_dict().items()}
+    path = tmp_path / "resnet.pth"
+    torch.save(weights, path)
+    r = train_student.run(_cfg(synth_root, tmp_path / "run", synth_cache, backbone_weights=path, lr=1e-12,
+                               weight_decay=0.0), progress=False)
+    ckpt = torch.load(r.checkpoint, weights_only=True)["model"]
+    for k, v in weights.items():
+        if v.is_floating_point() and "running" not in k:
+            torch.testing.assert_close(ckpt[f"student.backbone.{k}"], v, atol=1e-6, rtol=0)
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, bad)
+    with pytest.raises(WeightsError, match="conv1.weight"):
+        train_student.run(_cfg(synth_root, tmp_path / "run2", synth_cache, backbone_weights=bad), progress=False)

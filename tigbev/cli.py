@@ -178,6 +178,8 @@ def train_student(
     teacher: Annotated[str, typer.Option(help="'cache', 'online' (live teacher each step) or 'none'.")] = "cache",
     teacher_checkpoint: Annotated[Path | None, typer.Option(help="Teacher checkpoint for --teacher online.")] = None,
     variant: Annotated[str, typer.Option(help="'bevdepth' (camera-aware depth) or 'bevdet'.")] = "bevdepth",
+    backbone_weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                          help="torchvision ImageNet .pth for the ResNet.")] = None,
     val_split: Annotated[str | None, typer.Option(help="Evaluate the final model on this split.")] = None,
     w_depth: Annotated[float, typer.Option(help="Dense depth loss weight.")] = 3.0,
     w_inner_depth: Annotated[float, typer.Option(help="Inner-depth loss weight (TiG).")] = 1.0,
@@ -206,7 +208,8 @@ def train_student(
         cfg = TrainStudentConfig(
             preset=preset, dataroot=dataroot, split=split, out_dir=out, cache=cache,
             teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
-            teacher_checkpoint=teacher_checkpoint, variant=variant, weights=weights, val_split=val_split,
+            teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
+            weights=weights, val_split=val_split,
             epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
             augment=not no_augment, max_steps=max_steps,
         )

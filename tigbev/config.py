@@ -252,6 +252,8 @@ class TrainStudentConfig:
     teacher_checkpoint: Path | None = None
     """Needed with teacher='online'."""
     variant: Literal["bevdet", "bevdepth"] = "bevdepth"
+    backbone_weights: Path | None = None
+    """torchvision-format ImageNet weights for the image backbone (a local .pth; nothing is downloaded)."""
     weights: LossWeights = dataclasses.field(default_factory=LossWeights)
     val_split: str | None = None
     epochs: int = 12
@@ -271,8 +273,9 @@ class TrainStudentConfig:
         name = type(self).__name__
         for f in ("dataroot", "out_dir"):
             object.__setattr__(self, f, Path(getattr(self, f)))
-        if self.teacher_checkpoint is not None:
-            object.__setattr__(self, "teacher_checkpoint", Path(self.teacher_checkpoint))
+        for f in ("teacher_checkpoint", "backbone_weights"):
+            if getattr(self, f) is not None:
+                object.__setattr__(self, f, Path(getattr(self, f)))
         if isinstance(self.weights, dict):
             object.__setattr__(self, "weights", LossWeights(**self.weights))
         _require(self.teacher in ("cache", "online", "none"), name, "teacher", f"got {self.teacher!r}")
@@ -290,5 +293,6 @@ class TrainStudentConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(dataroot=str(self.dataroot), out_dir=str(self.out_dir),
-                 teacher_checkpoint=None if self.teacher_checkpoint is None else str(self.teacher_checkpoint))
+                 teacher_checkpoint=None if self.teacher_checkpoint is None else str(self.teacher_checkpoint),
+                 backbone_weights=None if self.backbone_weights is None else str(self.backbone_weights))
         return d

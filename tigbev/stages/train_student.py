@@ -209,7 +209,12 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
         min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
     )
-    model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels).to(device)
+    model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
+    if cfg.backbone_weights is not None and not (cfg.resume and ckpt_path.exists()):
+        from tigbev.models.student.resnet import load_torchvision_weights
+
+        load_torchvision_weights(model.student.backbone, cfg.backbone_weights)
+    model = model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     per_rank = math.ceil(len(dataset) / world)
