@@ -222,6 +222,34 @@ def train_student(
         typer.echo(f"{val_split}: mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
 
 
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Annotated[Path | None, typer.Argument(help="Teacher or student checkpoint (last.pt).")] = None,
+    dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")]
+    = Path("."),
+    split: Annotated[str, typer.Option(help="Split to evaluate (predefined or from splits.json).")] = "val",
+    out: Annotated[Path, typer.Option(help="Output directory for metrics, plots and the result JSON.")]
+    = Path("eval"),
+    gt_as_predictions: Annotated[bool, typer.Option(help="Score the ground truth itself (no checkpoint).")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 2,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+) -> None:
+    """Official nuScenes detection metrics (DetectionEval, detection_cvpr_2019) with plots and a Markdown table."""
+    from tigbev.stages import evaluate as stage
+
+    if checkpoint is not None and not checkpoint.is_file():
+        raise _fail(TigbevError(f"checkpoint not found: {checkpoint}"))
+    try:
+        result = stage.run(stage.EvaluateConfig(checkpoint=checkpoint, dataroot=dataroot, split=split, out_dir=out,
+                                                gt_as_predictions=gt_as_predictions, batch_size=batch_size,
+                                                device=device))
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    m = result.metrics
+    typer.echo((out / "metrics.md").read_text())
+    typer.echo(f"{split}: mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}  ({result.seconds:.0f} s) -> {out}")
+
+
 cache_app = typer.Typer(help="Inspect and check a teacher cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 

@@ -24,7 +24,7 @@ from tigbev.geometry import BOX_DIM_VEL, boxes_to_nuscenes
 if TYPE_CHECKING:
     from nuscenes.nuscenes import NuScenes
 
-__all__ = ["detection_records", "evaluate_detection", "gt_as_detection_records", "write_results"]
+__all__ = ["detection_records", "evaluate_detection", "gt_as_detection_records", "summarize_metrics", "write_results"]
 
 
 def detection_records(
@@ -113,8 +113,9 @@ def _with_placeholder_if_empty(results_path: Path, out_dir: Path) -> Path:
 
 
 def evaluate_detection(nusc: "NuScenes", results_path: str | Path, split: str, out_dir: str | Path,
-                       *, verbose: bool = False) -> dict[str, Any]:
-    """Run the devkit's DetectionEval (config detection_cvpr_2019); returns its serialised metrics.
+                       *, verbose: bool = False, plots: bool = False) -> dict[str, Any]:
+    """Run the devkit's DetectionEval (config detection_cvpr_2019); returns its serialised metrics. With ``plots``
+    the devkit's own plotting draws its summary and per-class precision-recall curves as PNGs in ``out_dir/plots``.
 
     The result file must hold every sample of the split (the devkit's rule); a mismatch is reported by name.
     """
@@ -128,7 +129,41 @@ def evaluate_detection(nusc: "NuScenes", results_path: str | Path, split: str, o
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), str(results_path), split, str(out),
                                verbose=verbose)
-            metrics, _ = ev.evaluate()
+            metrics, metric_data = ev.evaluate()
+            if plots:
+                _render_curves(ev.cfg, metrics, metric_data, out / "plots")
     except AssertionError as exc:
         raise TigbevError(f"nuscenes-devkit rejected {results_path} for split {split!r}: {exc}") from exc
     return metrics.serialize()
+
+
+def _render_curves(cfg, metrics, metric_data, plot_dir: Path) -> None:
+    """The devkit's summary and per-class PR plots, as PNG (its ``render`` writes PDFs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nuscenes.eval.detection.render import class_pr_curve, summary_plot
+
+    import warnings
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # Perfect or empty curves give the devkit's axes identical limits, which matplotlib warns about.
+        warnings.simplefilter("ignore", UserWarning)
+        summary_plot(metric_data, metrics, min_precision=cfg.min_precision, min_recall=cfg.min_recall,
+                     dist_th_tp=cfg.dist_th_tp, savepath=str(plot_dir / "summary.png"))
+        for name in cfg.class_names:
+            class_pr_curve(metric_data, metrics, name, cfg.min_precision, cfg.min_recall,
+                           savepath=str(plot_dir / f"{name}_pr.png"))
+    plt.close("all")
+
+
+def summarize_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers people compare, from the devkit's serialised metrics: mAP, NDS, the five TP errors, class APs."""
+    tp = metrics["tp_errors"]
+    return {
+        "mAP": metrics["mean_ap"], "NDS": metrics["nd_score"],
+        "mATE": tp["trans_err"], "mASE": tp["scale_err"], "mAOE": tp["orient_err"], "mAVE": tp["vel_err"],
+        "mAAE": tp["attr_err"], "per_class_AP": metrics["mean_dist_aps"],
+    }

@@ -31,17 +31,16 @@ from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
 from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
-from tigbev.data.nuscenes_reader import LIDAR_CHANNEL, NuScenesReader
+from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.errors import TigbevError
 from tigbev.geometry import BevGrid, box_keypoints_xy
 from tigbev.models.bev_sampling import sample_bev
-from tigbev.models.heads import numpy_detections
 from tigbev.models.losses import DenseDepthLoss, DenseFeatureMSE, InnerDepthLoss, InnerFeatureDistillation
 from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
 from tigbev.pipeline.plots import plot_loss_curves
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
 
-__all__ = ["DistillationModel", "TrainStudentResult", "evaluate_student", "run"]
+__all__ = ["DistillationModel", "TrainStudentResult", "run"]
 
 _LOG_EVERY = 5
 # The teacher's box filter when there is no cache (teacher point range); the nuScenes range of both presets.
@@ -324,45 +323,13 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         if history_steps:
             plot_loss_curves(out / "loss_curve.png", history_steps, history, f"camera student ({cfg.preset})")
         if cfg.val_split is not None:
-            metrics = evaluate_student(model.student, reader, cfg.val_split, out / "eval", device,
-                                       batch_size=cfg.batch_size, progress=progress)
+            from tigbev.stages.evaluate import predict_student, score
+
+            preds = predict_student(model.student, reader, reader.sample_tokens(cfg.val_split), device,
+                                    cfg.batch_size, progress)
+            metrics = score(reader, cfg.val_split, preds, out / "eval", use_camera=True, use_lidar=False, plots=False)
     # The first steps pay for allocation and worker start-up: the mean step time skips them when it can.
     timed = step_times[2:] if len(step_times) > 4 else step_times
     return TrainStudentResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
                               mean_step_s=float(np.mean(timed)) if timed else float("nan"), final_losses=last,
                               metrics=metrics)
-
-
-def evaluate_student(student: CameraStudent, reader: NuScenesReader, split: str, out_dir: Path,
-                     device: torch.device, *, batch_size: int = 2, progress: bool = True) -> dict[str, Any]:
-    """Official metrics of a camera student on a split (deterministic eval transform, no BDA)."""
-    from tqdm import tqdm
-
-    from tigbev.data.classes import DETECTION_CLASSES, attribute_from_velocity
-    from tigbev.data.results import detection_records, evaluate_detection, write_results
-    from tigbev.pipeline.detection_eval import summarize_metrics
-
-    scfg = student.cfg
-    tokens = reader.sample_tokens(split)
-    dataset = CameraDetectionDataset(reader, tokens, cache=None, input_hw=scfg.input_hw,
-                                     feature_stride=FEATURE_STRIDE, image_policy=ImageAugPolicy(input_hw=scfg.input_hw),
-                                     bda_policy=None, train=False, point_range_m=_POINT_RANGE)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_camera)
-    student.eval()
-    results: dict[str, list[dict[str, Any]]] = {}
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=f"predict {split}", unit="batch", disable=not progress):
-            batch = batch.to(device)
-            dets = student.head.decode(student(batch).preds)
-            for token, det in zip(batch.tokens, dets):
-                boxes, scores, labels = numpy_detections(det)
-                lidar_token = reader.nusc.get("sample", token)["data"][LIDAR_CHANNEL]
-                attrs = [attribute_from_velocity(DETECTION_CLASSES[int(lb)], float(np.hypot(*b[7:9])))
-                         for b, lb in zip(boxes, labels)]
-                results[token] = detection_records(token, boxes, labels, scores,
-                                                   reader.global_from_sensor(lidar_token), attrs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_results(out_dir / "results_nusc.json", results, use_camera=True, use_lidar=False)
-    summary = summarize_metrics(evaluate_detection(reader.nusc, path, split, out_dir / "devkit"))
-    write_json_atomic(out_dir / "metrics.json", {"split": split, **summary})
-    return summary

@@ -20,16 +20,14 @@ from tigbev.config import TrainTeacherConfig
 from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.lidar_dataset import LidarDetectionDataset, collate_lidar
 from tigbev.data.nuscenes_reader import NuScenesReader
-from tigbev.data.types import SampleFrame
 from tigbev.errors import TigbevError
-from tigbev.models.heads import numpy_detections
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
-from tigbev.pipeline.detection_eval import evaluate_split
+from tigbev.stages.evaluate import predict_teacher, score
 from tigbev.pipeline.plots import plot_loss_curves
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
 
-__all__ = ["TrainTeacherResult", "lidar_predictor", "run"]
+__all__ = ["TrainTeacherResult", "run"]
 
 _LOG_EVERY = 10
 
@@ -41,18 +39,6 @@ class TrainTeacherResult:
     seconds: float
     final_loss: float
     metrics: dict[str, Any] | None
-
-
-def lidar_predictor(model: CenterPoint, device: torch.device):
-    """A PredictFn for evaluate_split: frames -> decoded boxes in each frame's lidar frame."""
-
-    def predict(frames: list[SampleFrame]):
-        points = [torch.from_numpy(f.lidar.points).to(device) for f in frames]
-        with torch.inference_mode():
-            out = model(points)
-            return [numpy_detections(d) for d in model.head.decode(out.preds)]
-
-    return predict
 
 
 def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult:
@@ -161,8 +147,10 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     if cfg.val_split is not None:
         model.eval()
         eval_reader = NuScenesReader(cfg.dataroot, num_sweeps=model_cfg.num_sweeps)
-        metrics = evaluate_split(lidar_predictor(model, device), eval_reader, cfg.val_split, out / "eval",
-                                 batch_size=cfg.batch_size, use_camera=False, use_lidar=True, progress=progress)
+        preds = predict_teacher(model, eval_reader, eval_reader.sample_tokens(cfg.val_split), device,
+                                cfg.batch_size, progress)
+        metrics = score(eval_reader, cfg.val_split, preds, out / "eval", use_camera=False, use_lidar=True,
+                        plots=False)
     return TrainTeacherResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
                               final_loss=last_loss, metrics=metrics)
 
