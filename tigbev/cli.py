@@ -250,6 +250,27 @@ def evaluate(
     typer.echo(f"{split}: mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}  ({result.seconds:.0f} s) -> {out}")
 
 
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for every stage's output (reused when rerun).")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option()] = 0,
+    teacher_epochs: Annotated[int, typer.Option(min=1)] = 12,
+    student_epochs: Annotated[int, typer.Option(min=1)] = 3,
+    workers: Annotated[int, typer.Option(min=0)] = 1,
+    tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every stage.")] = False,
+) -> None:
+    """synth -> train-teacher -> extract-teacher -> train-student (baseline, TiG) -> evaluate: the whole chain."""
+    from tigbev.pipeline.demo import DemoConfig, run, summary_table
+
+    try:
+        summary = run(DemoConfig(out_dir=out, seed=seed, teacher_epochs=teacher_epochs,
+                                 student_epochs=student_epochs, workers=workers, tiny=tiny))
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(summary_table(summary))
+    typer.echo(f"summary: {out / 'summary.json'}")
+
+
 cache_app = typer.Typer(help="Inspect and check a teacher cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
