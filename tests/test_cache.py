@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from tigbev.cache_schema import CACHE_ATTR, RAGGED_ARRAYS, shard_path
-from tigbev.cache_store import CacheError, CacheReader, _read_parquet
+from tigbev.cache_store import CacheError, CacheReader, read_parquet_rows
 from tigbev.cli import app
 from tigbev.config import ExtractTeacherConfig
 from tigbev.data.lidar_dataset import training_boxes
@@ -75,7 +75,7 @@ def _arrays(url: Path | str) -> dict[str, np.ndarray]:
                 out[f"{shard}/{name}"] = np.asarray(reader.group[f"{shard_path(shard)}/{name}"][...])
             except KeyError:
                 pass
-    for k, v in _read_parquet(f"{reader.url}/index.parquet").items():
+    for k, v in read_parquet_rows(f"{reader.url}/index.parquet").items():
         out[f"index/{k}"] = np.asarray(v, dtype=object)
     return out
 

@@ -28,7 +28,8 @@ from tigbev.cache_schema import (
 )
 from tigbev.errors import TigbevError
 
-__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "tokens_sha256"]
+__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "read_parquet_rows",
+           "tokens_sha256"]
 
 _RAGGED_CHUNK_BYTES = 256 * 1024  # inner chunk size of ragged arrays: a sample reads a few chunks, not a shard
 
@@ -63,7 +64,7 @@ def _open_store(url: str, mode: str):
     return zarr.storage.LocalStore(path, read_only=mode == "r")
 
 
-def _fs_and_path(url: str):
+def fs_and_path(url: str):
     import fsspec
 
     return fsspec.core.url_to_fs(url)
@@ -77,7 +78,7 @@ def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
     types = {"int64": pa.int64(), "string": pa.string(), "list<int64>": pa.list_(pa.int64())}
     schema = pa.schema([(name, types[t]) for name, t in INDEX_COLUMNS.items()])
     table = pa.Table.from_pylist(rows, schema=schema)
-    fs, path = _fs_and_path(url)
+    fs, path = fs_and_path(url)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     tmp = path + ".tmp"
@@ -87,10 +88,10 @@ def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
     fs.mv(tmp, path)
 
 
-def _read_parquet(url: str) -> dict[str, list[Any]]:
+def read_parquet_rows(url: str) -> dict[str, list[Any]]:
     import pyarrow.parquet as pq
 
-    fs, path = _fs_and_path(url)
+    fs, path = fs_and_path(url)
     if not fs.exists(path):
         raise CacheError(f"cache index {url} is missing")
     with fs.open(path, "rb") as f:
@@ -245,7 +246,7 @@ class CacheWriter:
             return False
         rows: list[dict[str, Any]] = []
         for shard in range(self.manifest.num_shards):
-            part = _read_parquet(f"{self.url}/{shard_index_path(shard)}")
+            part = read_parquet_rows(f"{self.url}/{shard_index_path(shard)}")
             rows += [dict(zip(part, vals)) for vals in zip(*part.values())]
         _write_parquet(f"{self.url}/index.parquet", rows)
         manifest = self.manifest.to_dict()
@@ -301,7 +302,7 @@ class CacheReader:
 
     @cached_property
     def index(self) -> dict[str, list[Any]]:
-        return _read_parquet(f"{self.url}/index.parquet")
+        return read_parquet_rows(f"{self.url}/index.parquet")
 
     @cached_property
     def _token_to_idx(self) -> dict[str, int]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tigbev.cache_schema import RAGGED_ARRAYS, shard_index_path, shard_path
-from tigbev.cache_store import CacheError, CacheReader, _fs_and_path, _read_parquet
+from tigbev.cache_store import CacheError, CacheReader, fs_and_path, read_parquet_rows
 
 __all__ = ["Fault", "cache_info", "dump_sample", "keypoint_features", "verify_cache"]
 
@@ -31,7 +31,7 @@ class Fault:
 
 def _stored_bytes(url: str) -> dict[str, int]:
     """Bytes on storage per array name (summed over shards)."""
-    fs, root = _fs_and_path(url)
+    fs, root = fs_and_path(url)
     sizes: dict[str, int] = {}
     for path, size in fs.du(root, total=False, withdirs=False).items():
         rel = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/")) else path
@@ -108,7 +108,7 @@ def verify_cache(url: str) -> list[Fault]:
                     faults.append(Fault(i, "", "done", "sample not written"))
             continue
         try:
-            rows = _read_parquet(f"{reader.url}/{shard_index_path(shard)}")
+            rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
         except Exception as exc:
             faults += [Fault(i, "", "index", f"shard index unreadable: {exc}") for i in r]
             continue
@@ -144,7 +144,7 @@ def verify_cache(url: str) -> list[Fault]:
                     faults.append(Fault(i, rows["token"][i - r.start], "bev", f"unreadable: {_short(exc)}"))
     if m.complete:
         try:
-            index = _read_parquet(f"{reader.url}/index.parquet")
+            index = read_parquet_rows(f"{reader.url}/index.parquet")
             if len(index["token"]) != m.dataset.num_samples:
                 faults.append(Fault(-1, "", "index", f"{len(index['token'])} rows for {m.dataset.num_samples} samples"))
             else:
