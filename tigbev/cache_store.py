@@ -191,10 +191,6 @@ class CacheWriter:
     def done_flags(self) -> NDArray[np.bool_]:
         return np.asarray(self.group["done"][:]).astype(bool)
 
-    def shard_done(self, shard: int) -> bool:
-        r = self.manifest.shard_range(shard)
-        return bool(np.asarray(self.group["done"][r.start:r.stop]).all())
-
     def write_shard(self, shard: int, records: Sequence[SampleRecord]) -> None:
         """Write one whole shard: ragged arrays, dense rows, the shard's index; then (only then) its done flags."""
         m = self.manifest

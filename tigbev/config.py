@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "SynthConfig", "TrainStudentConfig", "TrainTeacherConfig", "synth_preset", "train_teacher_defaults"]
+__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "SynthConfig", "TrainStudentConfig", "TrainTeacherConfig",
+           "train_teacher_defaults"]
 
 Preset = Literal["demo", "nuscenes"]
 
@@ -83,18 +84,6 @@ class SynthConfig:
         d = dataclasses.asdict(self)
         d["out_dir"] = str(self.out_dir)
         return d
-
-
-def synth_preset(preset: Preset, out_dir: Path, **overrides: Any) -> SynthConfig:
-    """The synthetic dataset of a preset: ``demo`` is small images for CPU runs, ``nuscenes`` full-size images."""
-    match preset:
-        case "demo":
-            base: dict[str, Any] = {}
-        case "nuscenes":
-            base = {"image_width": 1600, "image_height": 900, "sweeps_per_sample": 9}
-        case _:
-            raise ValueError(f"unknown preset {preset!r}; choose 'demo' or 'nuscenes'")
-    return SynthConfig(out_dir=out_dir, **{**base, **overrides})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -291,10 +290,6 @@ class NuScenesReader:
             cameras=self.load_cameras(sample, lidar_token),
             gt=self.load_gt(sample, lidar_token),
         )
-
-    def load_split(self, split: str) -> Sequence[SampleFrame]:
-        """All samples of a split (for small data; stages iterate over ``sample_tokens`` instead)."""
-        return [self.load_sample(t) for t in self.sample_tokens(split)]
 
 
 def _first_bad_table(table_dir: Path) -> Path | str:

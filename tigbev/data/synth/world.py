@@ -221,10 +221,6 @@ class SceneObject:
         xy = self.xy0 + self.speed_mps * t_s * heading
         return np.array([xy[0], xy[1], GROUND_GAP_M + 0.5 * self.lwh[2]])
 
-    @property
-    def velocity_xy(self) -> NDArray[np.float64]:
-        return self.speed_mps * np.array([math.cos(self.yaw_rad), math.sin(self.yaw_rad)])
-
     def box_at(self, t_s: float) -> NDArray[np.float64]:
         """Annotation box (7,) x, y, z, l, w, h, yaw in the global frame at time t."""
         return np.concatenate([self.center_at(t_s), self.lwh, [self.yaw_rad]])
@@ -239,10 +235,6 @@ class Scene:
     ego_speed_mps: float
     sun_dir: NDArray[np.float64]  # unit vector towards the sun
     objects: tuple[SceneObject, ...]
-    part_materials: tuple[str, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "part_materials", tuple(p.material for o in self.objects for p in o.parts))
 
     @property
     def road_dir(self) -> NDArray[np.float64]:
