@@ -87,11 +87,11 @@ class SynthConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainTeacherConfig:
-    """Training of the CenterPoint LiDAR teacher (``tigbev train-teacher``)."""
+class _TrainLoopConfig:
+    """Settings every training stage shares: data, run directory, optimiser loop, device, resuming."""
 
     preset: Preset
-    """Model and default hyper-parameters: ``demo`` (CPU-sized) or ``nuscenes`` (METHOD.md section 2)."""
+    """Model and default hyper-parameters: ``demo`` (CPU-sized) or ``nuscenes`` (METHOD.md)."""
     dataroot: Path
     """nuScenes-format dataroot."""
     split: str
@@ -100,13 +100,13 @@ class TrainTeacherConfig:
     """Run directory: checkpoints, config, metrics log, loss curve, evaluation."""
     val_split: str | None = None
     """When set, the final model is evaluated on this split with the official metrics."""
-    epochs: int = 20
-    batch_size: int = 4
-    lr: float = 2e-3
-    """Peak learning rate of the one-cycle schedule (AdamW)."""
+    epochs: int
+    batch_size: int
+    lr: float
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.01
-    grad_clip: float = 35.0
-    """Gradient-norm clip (CenterPoint's 35)."""
+    grad_clip: float
+    """Gradient-norm clip."""
     workers: int = 1
     """DataLoader worker processes."""
     seed: int = 0
@@ -115,7 +115,6 @@ class TrainTeacherConfig:
     resume: bool = False
     """Continue from ``out_dir/last.pt``."""
     augment: bool = True
-    """Global rotation +-22.5 deg, scale 0.95..1.05 and x/y flips on points and boxes."""
     max_steps: int | None = None
     """Stop after this many optimiser steps in total (smoke tests)."""
 
@@ -133,8 +132,21 @@ class TrainTeacherConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(dataroot=str(self.dataroot), out_dir=str(self.out_dir))
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
         return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainTeacherConfig(_TrainLoopConfig):
+    """Training of the CenterPoint LiDAR teacher (``tigbev train-teacher``): one-cycle AdamW, CenterPoint's clip 35;
+    ``augment``: global rotation +-22.5 deg, scale 0.95..1.05 and x/y flips on points and boxes."""
+
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 2e-3
+    grad_clip: float = 35.0
 
 
 def train_teacher_defaults(preset: Preset) -> dict[str, Any]:
@@ -219,19 +231,16 @@ class LossWeights:
         return self.inter_keypoint > 0 or self.inter_channel > 0 or self.dense_feature > 0
 
     @classmethod
-    def baseline(cls) -> "LossWeights":
+    def baseline(cls) -> LossWeights:
         """Detection + dense depth only: the plain BEVDepth-style student."""
         return cls(inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0, dense_feature=0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainStudentConfig:
-    """Stage two (``tigbev train-student``): a camera student from images plus the teacher cache."""
+class TrainStudentConfig(_TrainLoopConfig):
+    """Stage two (``tigbev train-student``): a camera student from images plus the teacher cache. AdamW with linear
+    warm-up and the published step decay, clip 5; ``augment``: image resize/crop/flip/rotation and BEV augmentation."""
 
-    preset: Preset
-    dataroot: Path
-    split: str
-    out_dir: Path
     cache: str | None = None
     """Teacher cache of the same split (from extract-teacher); required when any distillation weight is > 0 and
     ``teacher`` is 'cache'."""
@@ -244,24 +253,15 @@ class TrainStudentConfig:
     backbone_weights: Path | None = None
     """torchvision-format ImageNet weights for the image backbone (a local .pth; nothing is downloaded)."""
     weights: LossWeights = dataclasses.field(default_factory=LossWeights)
-    val_split: str | None = None
     epochs: int = 12
     batch_size: int = 2
     lr: float = 2e-4
-    weight_decay: float = 1e-2
     grad_clip: float = 5.0
     warmup_steps: int = 50
-    workers: int = 1
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    augment: bool = True
-    max_steps: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
-        for f in ("dataroot", "out_dir"):
-            object.__setattr__(self, f, Path(getattr(self, f)))
         for f in ("teacher_checkpoint", "backbone_weights"):
             if getattr(self, f) is not None:
                 object.__setattr__(self, f, Path(getattr(self, f)))
@@ -276,12 +276,4 @@ class TrainStudentConfig:
                  "teacher='cache' with distillation needs --cache")
         _require(not (self.teacher == "online" and self.teacher_checkpoint is None), name, "teacher_checkpoint",
                  "teacher='online' needs --teacher-checkpoint")
-        _require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, name, "epochs/batch_size/lr",
-                 "must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.update(dataroot=str(self.dataroot), out_dir=str(self.out_dir),
-                 teacher_checkpoint=None if self.teacher_checkpoint is None else str(self.teacher_checkpoint),
-                 backbone_weights=None if self.backbone_weights is None else str(self.backbone_weights))
-        return d
+        _require(self.warmup_steps >= 0, name, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
