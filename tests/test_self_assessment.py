@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tigbev.models.self_assessment import SelfAssessmentConfig, SelfAssessmentDistill, attention_rebuild
+from tigbev.config import SelfAssessmentConfig
+from tigbev.models.self_assessment import SelfAssessmentDistill, attention_rebuild
 
 
 def _unit_map(b: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -67,8 +68,8 @@ def test_padding_never_counts_as_zero_features() -> None:
     """A 10 x 10 map in 8 x 8 patches: the result equals attention within each real (cropped) patch alone."""
     teacher = _unit_map(1, 8, 10, 10, seed=3)
     student = _unit_map(1, 8, 10, 10, seed=4)
-    cfg = SelfAssessmentConfig(temperature=0.5, heads=2, patch_hw=(8, 8), anchor_cells=4, weight=1.0,
-                               sequence_weight=1.0, anchor_weight=1.0)
+    cfg = SelfAssessmentConfig(temperature=0.5, heads=2, patch_hw=(8, 8), anchor_cells=4, sequence_weight=1.0,
+                               anchor_weight=1.0)
     module = SelfAssessmentDistill(cfg, student_channels=8, teacher_channels=8)
     _identity_projections(module)
     got = module(student, teacher)
@@ -98,8 +99,8 @@ def test_patch_groups_stack_patches_along_channels() -> None:
     attention over the concatenated sequence built by hand."""
     teacher = _unit_map(1, 4, 4, 8, seed=5)
     student = _unit_map(1, 4, 4, 8, seed=6)
-    cfg = SelfAssessmentConfig(temperature=0.3, heads=2, patch_hw=(4, 4), patch_group=2, weight=1.0,
-                               sequence_weight=1.0, anchor_weight=0.0)
+    cfg = SelfAssessmentConfig(temperature=0.3, heads=2, patch_hw=(4, 4), patch_group=2, sequence_weight=1.0,
+                               anchor_weight=0.0)
     module = SelfAssessmentDistill(cfg, student_channels=4, teacher_channels=4)
     _identity_projections(module)
     got = module(student, teacher)["self_assessment_seq"]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "SynthConfig", "TrainStudentConfig", "TrainTeacherConfig",
-           "train_teacher_defaults"]
+__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "SelfAssessmentConfig", "SynthConfig", "TrainStudentConfig",
+           "TrainTeacherConfig", "train_teacher_defaults"]
 
 Preset = Literal["demo", "nuscenes"]
 
@@ -221,6 +221,8 @@ class LossWeights:
     inter_channel: float = 10.0
     dense_feature: float = 0.0
     """Optional dense BEV feature-mimicking baseline (not part of TiG-BEV)."""
+    self_assessment: float = 0.0
+    """Self-assessment cross-attention distillation on the BEV maps (METHOD.md section 7; TaT uses 0.1)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -228,12 +230,42 @@ class LossWeights:
 
     @property
     def distills(self) -> bool:
-        return self.inter_keypoint > 0 or self.inter_channel > 0 or self.dense_feature > 0
+        return (self.inter_keypoint > 0 or self.inter_channel > 0 or self.dense_feature > 0
+                or self.self_assessment > 0)
 
     @classmethod
     def baseline(cls) -> LossWeights:
         """Detection + dense depth only: the plain BEVDepth-style student."""
-        return cls(inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0, dense_feature=0.0)
+        return cls(inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0, dense_feature=0.0, self_assessment=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelfAssessmentConfig:
+    """Shapes and level weights of the self-assessment cross-attention losses (METHOD.md section 7; the family
+    weight is ``LossWeights.self_assessment``). TaT (segmentation): 0.1 * (1.0 * seq + 0.4 * anchor), 16 x 16
+    patches, 32 x 32 anchors; on a 128 x 128 BEV map 4 x 4-cell anchor regions give 32 x 32 anchors."""
+
+    sequence_weight: float = 1.0
+    anchor_weight: float = 0.4
+    heads: int = 4
+    temperature: float = 1.0
+    """Logits are Q K^T / temperature (TaT uses no 1/sqrt(d) scaling, i.e. temperature 1)."""
+    patch_hw: tuple[int, int] = (16, 16)
+    patch_group: int = 1
+    """Neighbouring patches (in raster order) stacked along channels into one attention group."""
+    anchor_cells: int = 4
+    """Anchor-point pooling region (kernel = stride), in BEV cells."""
+    teacher_projection: bool = False
+    """Keys through a 1x1 conv + BatchNorm instead of the raw teacher map."""
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "patch_group", "anchor_cells"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SelfAssessmentConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.patch_hw) < 1:
+            raise ValueError(f"SelfAssessmentConfig.patch_hw must be positive, got {self.patch_hw}")
+        if not self.temperature > 0:
+            raise ValueError(f"SelfAssessmentConfig.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +285,10 @@ class TrainStudentConfig(_TrainLoopConfig):
     backbone_weights: Path | None = None
     """torchvision-format ImageNet weights for the image backbone (a local .pth; nothing is downloaded)."""
     weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    keypoint_grid: int = 24
+    """Keypoints per box side with the online teacher (METHOD.md: 24 x 24); a cache carries its own grid."""
+    self_assessment: SelfAssessmentConfig = dataclasses.field(default_factory=SelfAssessmentConfig)
+    """Shapes of the self-assessment losses (used when ``weights.self_assessment`` > 0)."""
     epochs: int = 12
     batch_size: int = 2
     lr: float = 2e-4
@@ -267,6 +303,9 @@ class TrainStudentConfig(_TrainLoopConfig):
                 object.__setattr__(self, f, Path(getattr(self, f)))
         if isinstance(self.weights, dict):
             object.__setattr__(self, "weights", LossWeights(**self.weights))
+        if isinstance(self.self_assessment, dict):
+            sa = {k: tuple(v) if isinstance(v, list) else v for k, v in self.self_assessment.items()}
+            object.__setattr__(self, "self_assessment", SelfAssessmentConfig(**sa))
         _require(self.teacher in ("cache", "online", "none"), name, "teacher", f"got {self.teacher!r}")
         _require(self.variant in ("bevdet", "bevdepth"), name, "variant", f"got {self.variant!r}")
         distills = self.weights.distills
@@ -276,4 +315,5 @@ class TrainStudentConfig(_TrainLoopConfig):
                  "teacher='cache' with distillation needs --cache")
         _require(not (self.teacher == "online" and self.teacher_checkpoint is None), name, "teacher_checkpoint",
                  "teacher='online' needs --teacher-checkpoint")
+        _require(self.keypoint_grid >= 2, name, "keypoint_grid", f"must be >= 2, got {self.keypoint_grid}")
         _require(self.warmup_steps >= 0, name, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")

@@ -19,42 +19,13 @@ map to the student's cells).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SelfAssessmentConfig", "SelfAssessmentDistill", "attention_rebuild"]
+from tigbev.config import SelfAssessmentConfig
 
-
-@dataclass(frozen=True, kw_only=True)
-class SelfAssessmentConfig:
-    """Weights and shapes of the self-assessment losses. TaT (segmentation): 0.1 * (1.0 * seq + 0.4 * anchor),
-    16 x 16 patches, 32 x 32 anchors; on a 128 x 128 BEV map 4 x 4-cell anchor regions give 32 x 32 anchors."""
-
-    weight: float = 0.1
-    sequence_weight: float = 1.0
-    anchor_weight: float = 0.4
-    heads: int = 4
-    temperature: float = 1.0
-    """Logits are Q K^T / temperature (TaT uses no 1/sqrt(d) scaling, i.e. temperature 1)."""
-    patch_hw: tuple[int, int] = (16, 16)
-    patch_group: int = 1
-    """Neighbouring patches (in raster order) stacked along channels into one attention group."""
-    anchor_cells: int = 4
-    """Anchor-point pooling region (kernel = stride), in BEV cells."""
-    teacher_projection: bool = False
-    """Keys through a 1x1 conv + BatchNorm instead of the raw teacher map."""
-
-    def __post_init__(self) -> None:
-        for name in ("heads", "patch_group", "anchor_cells"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SelfAssessmentConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.patch_hw) < 1:
-            raise ValueError(f"SelfAssessmentConfig.patch_hw must be positive, got {self.patch_hw}")
-        if not self.temperature > 0:
-            raise ValueError(f"SelfAssessmentConfig.temperature must be > 0, got {self.temperature}")
+__all__ = ["SelfAssessmentDistill", "attention_rebuild"]
 
 
 def attention_rebuild(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
@@ -101,7 +72,8 @@ def _patch_sequences(x: torch.Tensor, ph: int, pw: int, group: int) -> torch.Ten
 
 class SelfAssessmentDistill(nn.Module):
     """``forward(student_map, teacher_map, fg_mask=None)`` -> dict with ``self_assessment_seq`` and
-    ``self_assessment_anchor`` (each already multiplied by its weight and the family weight)."""
+    ``self_assessment_anchor``, each multiplied by its level weight (the family weight is the caller's:
+    ``LossWeights.self_assessment``)."""
 
     def __init__(self, cfg: SelfAssessmentConfig, student_channels: int, teacher_channels: int):
         super().__init__()
@@ -126,8 +98,8 @@ class SelfAssessmentDistill(nn.Module):
             weight = weight * fg_mask.to(weight.dtype).reshape(weight.shape)
         cfg = self.cfg
         return {
-            "self_assessment_seq": cfg.weight * cfg.sequence_weight * self._sequence(q, k, v, teacher, weight),
-            "self_assessment_anchor": cfg.weight * cfg.anchor_weight * self._anchor(q, k, v, teacher, weight),
+            "self_assessment_seq": cfg.sequence_weight * self._sequence(q, k, v, teacher, weight),
+            "self_assessment_anchor": cfg.anchor_weight * self._anchor(q, k, v, teacher, weight),
         }
 
     def _sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
