@@ -14,13 +14,18 @@ from torch.utils.data import DataLoader
 
 from tigbev.cache_store import CacheError, CacheReader
 from tigbev.config import ExtractTeacherConfig
-from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes, similarity_apply_points
+from tigbev.data.augment import (
+    BevAugmentPolicy,
+    similarity_apply_boxes,
+    similarity_apply_points,
+)
 from tigbev.data.camera_dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CameraDetectionDataset,
     CameraSample,
     collate_camera,
+    first_box_of_points,
 )
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.lidar_dataset import training_boxes
@@ -155,9 +160,9 @@ def reader(synth_root: Path) -> NuScenesReader:
 
 def _dataset(reader: NuScenesReader, cache: CacheReader | None, *, split: str = SPLIT, **kw) -> CameraDetectionDataset:
     hw = kw.pop("input_hw", HW)
-    base = dict(cache=cache, input_hw=hw, feature_stride=STRIDE, image_policy=ImageAugPolicy(input_hw=hw),
-                bda_policy=BevAugmentPolicy(), seed=0, train=True, split=split, cache_grid=TEACHER.bev_grid,
-                point_range_m=TEACHER.point_range_m, min_depth_m=MIN_DEPTH_M)
+    base = {"cache": cache, "input_hw": hw, "feature_stride": STRIDE, "image_policy": ImageAugPolicy(input_hw=hw),
+            "bda_policy": BevAugmentPolicy(), "seed": 0, "train": True, "split": split,
+            "cache_grid": TEACHER.bev_grid, "point_range_m": TEACHER.point_range_m, "min_depth_m": MIN_DEPTH_M}
     tokens = kw.pop("tokens", None) or reader.sample_tokens(split)
     return CameraDetectionDataset(reader, tokens, **{**base, **kw})
 
@@ -254,14 +259,14 @@ def test_augmented_depth_boxes_and_keypoints_land_on_the_same_physical_points(re
 def test_without_augmentation_cached_depth_equals_depth_from_lidar(reader: NuScenesReader,
                                                                    cache: CacheReader) -> None:
     full = (108, 192)  # the synthetic image size: the eval transform is the identity
-    kw = dict(train=False, image_policy=ImageAugPolicy.evaluation(full), bda_policy=None, input_hw=full)
+    kw = {"train": False, "image_policy": ImageAugPolicy.evaluation(full), "bda_policy": None, "input_hw": full}
     with_cache, direct = _dataset(reader, cache, **kw), _dataset(reader, None, **kw)
     idx = 2
     a, b = with_cache[idx], direct[idx]
     frame = reader.load_sample(with_cache.tokens[idx])
     np.testing.assert_array_equal(a.img_aug.numpy(), np.broadcast_to(np.eye(3), (6, 3, 3)))
     np.testing.assert_array_equal(a.bda.numpy(), np.eye(4))
-    boxes, labels = training_boxes(frame, TEACHER.point_range_m)
+    boxes, _ = training_boxes(frame, TEACHER.point_range_m)
     np.testing.assert_allclose(a.boxes.numpy(), boxes, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(b.boxes.numpy(), boxes, rtol=1e-6, atol=1e-5)
     inside = points_in_boxes(frame.lidar.key_points, boxes)
@@ -286,7 +291,7 @@ def test_without_augmentation_cached_depth_equals_depth_from_lidar(reader: NuSce
     np.testing.assert_array_equal(a.depth_box.numpy(), b.depth_box.numpy())
     np.testing.assert_array_equal(a.images.numpy(), b.images.numpy())
     # The same holds through a real (deterministic) resize and crop: both paths replay one transform.
-    kw = dict(train=False, image_policy=ImageAugPolicy.evaluation(HW), bda_policy=None)
+    kw = {"train": False, "image_policy": ImageAugPolicy.evaluation(HW), "bda_policy": None}
     a, b = _dataset(reader, cache, **kw)[0], _dataset(reader, None, **kw)[0]
     np.testing.assert_array_equal(a.depth_m.numpy(), b.depth_m.numpy())
     np.testing.assert_array_equal(a.depth_box.numpy(), b.depth_box.numpy())
@@ -383,3 +388,43 @@ def test_dataloader_worker_reopens_the_cache(reader: NuScenesReader, cache: Cach
         torch.testing.assert_close(getattr(batches[0], name), getattr(local, name), rtol=0, atol=0)
     torch.testing.assert_close(batches[0].teacher.kp_student_xy, local.teacher.kp_student_xy, rtol=0, atol=0)
     torch.testing.assert_close(batches[0].teacher.map_features, local.teacher.map_features, rtol=0, atol=0)
+
+
+def test_online_teacher_lidar_is_read_by_the_dataset(reader: NuScenesReader, synth_root: Path) -> None:
+    """With ``lidar_reader`` every sample carries the teacher's multi-sweep points (un-augmented key frame), read in
+    the DataLoader worker; the rest of the sample is what the no-cache dataset gives."""
+    teacher_reader = NuScenesReader(synth_root, num_sweeps=TEACHER.num_sweeps)
+    plain = _dataset(reader, None)
+    online = _dataset(reader, None, lidar_reader=teacher_reader)
+    token = plain.tokens[1]
+    want = teacher_reader.load_sample(token).lidar
+    got = online[1]
+    assert plain[1].lidar_points is None
+    assert got.lidar_points is not None and got.lidar_points.dtype == torch.float32
+    np.testing.assert_array_equal(got.lidar_points.numpy(), want.points)  # BDA never touches the teacher's points
+    assert len(want.points) > want.num_key_points  # earlier sweeps are there, so this is not the key sweep alone
+    for name in ("images", "boxes", "depth_m", "depth_box", "bda"):  # the key sweep alone still makes the depth
+        torch.testing.assert_close(getattr(got, name), getattr(plain[1], name), rtol=0, atol=0)
+    loader = DataLoader(online, batch_size=2, num_workers=1, collate_fn=collate_camera)
+    batch = next(iter(loader))
+    assert batch.lidar_points is not None and len(batch.lidar_points) == 2
+    np.testing.assert_array_equal(batch.lidar_points[1].numpy(), want.points)
+    assert collate_camera([plain[0]]).lidar_points is None
+    with pytest.raises(ValueError, match="teacher LiDAR"):
+        collate_camera([plain[0], online[1]])
+
+
+def test_first_box_of_points_equals_the_full_membership_test() -> None:
+    rng = np.random.default_rng(3)
+    pts = rng.uniform([-20, -20, -2], [20, 20, 2], size=(20000, 3)).astype(np.float32)
+    boxes = np.column_stack([rng.uniform(-18, 18, (40, 2)), rng.uniform(-1, 1, 40), rng.uniform(0.5, 8, (40, 3)),
+                             rng.uniform(-np.pi, np.pi, 40)])
+    boxes[5, :7] = boxes[4, :7]  # an exact duplicate: its points belong to the first of the two
+    boxes[7, :2] = boxes[6, :2] + 0.5  # overlapping boxes
+    pts[:50, :2] = boxes[:50 // 5, :2].repeat(5, axis=0)  # points at box centres, some on top of each other
+    inside = points_in_boxes(pts, boxes)
+    want = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+    got = first_box_of_points(pts, boxes)
+    np.testing.assert_array_equal(got, want)
+    assert (got >= 0).sum() > 1000 and not (got == 5).any() and (got == 4).any()
+    assert (first_box_of_points(pts, boxes[:0]) == -1).all() and first_box_of_points(pts[:0], boxes).shape == (0,)

@@ -365,3 +365,31 @@ def test_dense_feature_mse() -> None:
     assert student.grad is not None
     with pytest.raises(ValueError, match="different ranges"):
         DenseFeatureMSE(3, 2, student_grid=GRID_S, teacher_grid=BevGrid.square(8.0, 2.0))
+
+
+def _reference_row_distances(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """The relation term as written in METHOD.md: normalise each Gram row, subtract, square, sum over the row."""
+    g_s = torch.nn.functional.normalize(f_s @ f_s.transpose(1, 2), dim=-1)
+    g_t = torch.nn.functional.normalize(f_t @ f_t.transpose(1, 2), dim=-1)
+    return (g_s - g_t).square().sum(dim=-1)
+
+
+def test_relation_losses_equal_the_normalised_gram_formula_values_and_gradients() -> None:
+    gen = torch.Generator().manual_seed(11)
+    f_s = torch.randn(3, 7, 5, generator=gen)
+    f_t = torch.randn(3, 7, 5, generator=gen)
+    f_s[1, 2] = 0.0  # an all-zero student keypoint: a zero Gram row against a non-zero teacher row
+    f_t[2, 4] = 0.0
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[0, 5:] = False
+    a = f_s.clone().requires_grad_(True)
+    b = f_s.clone().requires_grad_(True)
+    got = inter_keypoint_loss(a, f_t, valid) + inter_channel_loss(a, f_t, valid)
+    m = valid[..., None].float()
+    want = _reference_row_distances(b * m, f_t * m).sum(-1) / valid.sum(-1) \
+        + _reference_row_distances((b * m).transpose(1, 2), (f_t * m).transpose(1, 2)).mean(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    want.sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)

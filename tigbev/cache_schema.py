@@ -105,7 +105,7 @@ class TeacherFingerprint:
     config: dict[str, Any]
 
     @classmethod
-    def parse(cls, d: dict[str, Any]) -> "TeacherFingerprint":
+    def parse(cls, d: dict[str, Any]) -> TeacherFingerprint:
         _check_keys(cls, d, "teacher")
         return cls(**d)
 
@@ -120,11 +120,11 @@ class DatasetFingerprint:
     tokens_sha256: str
 
     @classmethod
-    def parse(cls, d: dict[str, Any]) -> "DatasetFingerprint":
+    def parse(cls, d: dict[str, Any]) -> DatasetFingerprint:
         _check_keys(cls, d, "dataset")
         return cls(**d)
 
-    def differences(self, other: "DatasetFingerprint") -> list[str]:
+    def differences(self, other: DatasetFingerprint) -> list[str]:
         return [f"{f.name}: cache has {getattr(self, f.name)!r}, expected {getattr(other, f.name)!r}"
                 for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
@@ -148,7 +148,7 @@ class FeatureStorage:
             raise CacheFormatError("dense features are stored as float16 only")
 
     @classmethod
-    def parse(cls, d: dict[str, Any]) -> "FeatureStorage":
+    def parse(cls, d: dict[str, Any]) -> FeatureStorage:
         _check_keys(cls, d, "features")
         return cls(**d)
 
@@ -190,7 +190,7 @@ class Manifest:
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
-    def parse(cls, d: Any) -> "Manifest":
+    def parse(cls, d: Any) -> Manifest:
         """Validate a manifest read from disk; unknown format versions are rejected with a clear message."""
         if not isinstance(d, dict):
             raise CacheFormatError("no tigbev cache manifest found (is this a tigbev cache?)")

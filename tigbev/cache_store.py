@@ -60,7 +60,7 @@ def _open_store(url: str, mode: str):
 
     if "://" in url and not url.startswith("file://"):
         return zarr.storage.FsspecStore.from_url(url, read_only=mode == "r")
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url.removeprefix("file://")
     return zarr.storage.LocalStore(path, read_only=mode == "r")
 
 
@@ -169,19 +169,19 @@ class CacheWriter:
     def _create_fixed_arrays(self) -> None:
         m = self.manifest
         n, s = m.dataset.num_samples, m.shard_samples
-        from zarr.codecs import Crc32cCodec
-
         import zarr
+        from zarr.codecs import Crc32cCodec
 
         # Several parts may start at once: whoever creates an array first wins, the others reuse it. Never
         # overwrite here, or a late starter would wipe the done flags of an early one.
-        specs = [("done", dict(shape=(n,), chunks=(s,), dtype="uint8", compressors=[Crc32cCodec()]))]
+        specs: list[tuple[str, dict[str, Any]]] = [
+            ("done", {"shape": (n,), "chunks": (s,), "dtype": "uint8", "compressors": [Crc32cCodec()]})]
         if m.features.mode == "dense":
             nx = round((m.grid["x_max_m"] - m.grid["x_min_m"]) / m.grid["cell_m"])
             ny = round((m.grid["y_max_m"] - m.grid["y_min_m"]) / m.grid["cell_m"])
             c = m.features.channels
-            specs.append(("bev", dict(shape=(n, c, ny, nx), chunks=(1, c, ny, nx), shards=(s, c, ny, nx),
-                                      dtype="float16", compressors=_codecs("float16"))))
+            specs.append(("bev", {"shape": (n, c, ny, nx), "chunks": (1, c, ny, nx), "shards": (s, c, ny, nx),
+                                  "dtype": "float16", "compressors": _codecs("float16")}))
         for name, spec in specs:
             try:
                 self.group.create_array(name, fill_value=0, overwrite=False, **spec)

@@ -255,7 +255,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Directory for every stage's output (reused when rerun).")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option()] = 0,
     teacher_epochs: Annotated[int, typer.Option(min=1)] = 12,
-    student_epochs: Annotated[int, typer.Option(min=1)] = 3,
+    student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: 6 (300 steps).")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 1,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every stage.")] = False,
 ) -> None:
@@ -264,11 +264,71 @@ def demo(
 
     try:
         summary = run(DemoConfig(out_dir=out, seed=seed, teacher_epochs=teacher_epochs,
-                                 student_epochs=student_epochs, workers=workers, tiny=tiny))
+                                 student_epochs=student_epochs or DemoConfig.student_epochs, workers=workers,
+                                 tiny=tiny))
     except (TigbevError, ValueError) as exc:
         raise _fail(exc) from None
     typer.echo(summary_table(summary))
     typer.echo(f"summary: {out / 'summary.json'}")
+
+
+@app.command("ablate")
+def ablate(
+    out: Annotated[Path, typer.Option(help="Directory for the world and every row (shared with `tigbev demo`).")]
+    = Path("runs/ablate"),
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; the table shows their mean.")] = "0,1",
+    rows: Annotated[str | None, typer.Option(help="Comma-separated row keys (default: all).")] = None,
+    teacher_epochs: Annotated[int, typer.Option(min=1)] = 12,
+    student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the demo's.")] = None,
+    workers: Annotated[int, typer.Option(min=0)] = 1,
+    tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every row.")] = False,
+) -> None:
+    """The paper's ablation in miniature: each loss component added in turn, same seeds and budget, evaluated."""
+    from tigbev.pipeline.ablate import AblateConfig, ablation_table, run
+    from tigbev.pipeline.demo import DemoConfig
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        kwargs: dict = {} if rows is None else {"rows": tuple(r.strip() for r in rows.split(",") if r.strip())}
+        result = run(AblateConfig(out_dir=out, seeds=seed_list, teacher_epochs=teacher_epochs,
+                                  student_epochs=student_epochs or DemoConfig.student_epochs, workers=workers,
+                                  tiny=tiny, **kwargs))
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(ablation_table(result))
+    typer.echo(f"table: {out / 'ablation.md'}, chart: {out / 'ablation.png'}")
+
+
+@app.command("bench")
+def bench(
+    preset: Annotated[str, typer.Option(help="'demo' (synthetic data by default) or 'nuscenes' (needs --dataroot).")],
+    out: Annotated[Path, typer.Option(help="Output directory: bench.json, bench.md, bench.png (and work/).")],
+    dataroot: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
+                                                  help="Dataset (default for demo: a synthetic one in OUT/work).")]
+    = None,
+    split: Annotated[str | None, typer.Option(help="Split (default: synth_train / real_slice).")] = None,
+    teacher_checkpoint: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                            help="Teacher last.pt (default: seeded random weights).")]
+    = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats of every timed comparison.")] = 3,
+    steps: Annotated[int | None, typer.Option(min=1, help="Timed steps per mode and repeat.")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Samples of the 1x size (tokens repeat if needed).")]
+    = None,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration (tests).")] = False,
+) -> None:
+    """Cost of distillation with and without the cache: steps, loader, extraction, storage, growth; side by side."""
+    from tigbev.stages.bench import BenchConfig, run
+
+    try:
+        result = run(BenchConfig(preset=preset, out_dir=out, dataroot=dataroot, split=split,  # type: ignore[arg-type]
+                                 teacher_checkpoint=teacher_checkpoint, repeats=repeats, steps=steps,
+                                 samples=samples, device=device, seed=seed, tiny=tiny))
+    except (TigbevError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(result.markdown_path.read_text())
+    typer.echo(f"wrote {result.json_path}, {result.markdown_path}, {result.plot_path}")
 
 
 cache_app = typer.Typer(help="Inspect and check a teacher cache.", no_args_is_help=True)

@@ -26,7 +26,7 @@ class TeacherTargets:
     map_cells: torch.Tensor | None  # (B, F) int64 flat cell index iy * W + ix, -1 for padding; None: dense map
     map_features: torch.Tensor  # (B, F, C) float16/float32 sparse cells, or (B, C, H, W) dense teacher map
 
-    def to(self, device: torch.device) -> "TeacherTargets":
+    def to(self, device: torch.device) -> TeacherTargets:
         return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                                  for f in fields(self)})
 
@@ -40,6 +40,17 @@ class TeacherTargets:
             keep = self.map_cells[i] >= 0
             out[i][:, self.map_cells[i][keep]] = self.map_features[i][keep].float().T
         return out.reshape(b, c, height, width)
+
+    def stored_mask(self, height: int, width: int) -> torch.Tensor:
+        """(B, 1, H, W) float32: 1 where the teacher map holds a stored value (everywhere for a dense map)."""
+        b = self.map_features.shape[0]
+        if self.map_cells is None:
+            return self.map_features.new_ones((b, 1, height, width), dtype=torch.float32)
+        out = self.map_features.new_zeros((b, height * width), dtype=torch.float32)
+        for i in range(b):
+            cells = self.map_cells[i]
+            out[i, cells[cells >= 0]] = 1.0
+        return out.reshape(b, 1, height, width)
 
 
 @dataclass
@@ -55,8 +66,11 @@ class CameraBatch:
     depth_m: torch.Tensor  # (B, N, h, w) nearest LiDAR depth per feature cell (0: none), h = ceil(H / stride)
     depth_box: torch.Tensor  # (B, N, h, w) int64 GT box index within the sample (-1: none)
     teacher: TeacherTargets | None = None
+    lidar_points: list[torch.Tensor] | None = None
+    """Online teacher only: B x (P_i, 5) float32 multi-sweep LiDAR (x, y, z m, intensity, time lag s) in the
+    un-augmented key lidar frame, read by the DataLoader workers."""
 
-    def to(self, device: torch.device) -> "CameraBatch":
+    def to(self, device: torch.device) -> CameraBatch:
         return CameraBatch(
             tokens=self.tokens, images=self.images.to(device, non_blocking=True),
             intrinsics=self.intrinsics.to(device), cam_from_lidar=self.cam_from_lidar.to(device),
@@ -64,4 +78,6 @@ class CameraBatch:
             gt_boxes=[b.to(device) for b in self.gt_boxes], gt_labels=[b.to(device) for b in self.gt_labels],
             depth_m=self.depth_m.to(device), depth_box=self.depth_box.to(device),
             teacher=None if self.teacher is None else self.teacher.to(device),
+            lidar_points=None if self.lidar_points is None
+            else [p.to(device, non_blocking=True) for p in self.lidar_points],
         )

@@ -33,7 +33,7 @@ from tigbev.geometry import BevGrid, points_in_boxes, project_to_image
 from tigbev.models.losses import nearest_depth_map
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CameraDetectionDataset", "CameraSample", "collate_camera",
-           "depth_points"]
+           "depth_points", "first_box_of_points"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # RGB, of images scaled to [0, 1]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -57,6 +57,7 @@ class CameraSample:
     kp_student_xy: torch.Tensor | None = None  # (M, K, 2) float32, augmented frame
     map_cells: torch.Tensor | None = None  # (F,) int64 foreground mode; None in dense mode
     map_features: torch.Tensor | None = None  # (F, C) or (C, H, W) float16
+    lidar_points: torch.Tensor | None = None  # (P, 5) float32 teacher LiDAR, un-augmented key frame (online teacher)
 
 
 def depth_points(frame: SampleFrame, boxes: NDArray, *, min_depth_m: float) -> NDArray[np.float32]:
@@ -66,10 +67,7 @@ def depth_points(frame: SampleFrame, boxes: NDArray, *, min_depth_m: float) -> N
     ``boxes`` (M, >=7) in the un-augmented lidar frame; a point inside several boxes takes the first.
     """
     key = frame.lidar.key_points
-    inside = points_in_boxes(key, boxes)
-    box_of_point = np.full(len(key), -1, dtype=np.int64)
-    if inside.shape[1]:  # argmax of an empty row is an error
-        box_of_point = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+    box_of_point = first_box_of_points(key, boxes)
     rows = []
     for ci, channel in enumerate(CAMERA_CHANNELS):
         cam = frame.camera(channel)
@@ -77,6 +75,31 @@ def depth_points(frame: SampleFrame, boxes: NDArray, *, min_depth_m: float) -> N
                                 min_depth_m=min_depth_m)
         rows.append(np.column_stack([proj.uv, proj.depth_m, box_of_point[proj.index], np.full(len(proj), ci)]))
     return np.concatenate(rows).astype(np.float32).reshape(-1, 5)
+
+
+def first_box_of_points(points: NDArray, boxes: NDArray) -> NDArray[np.int64]:
+    """(P,) index of the first box (M, >=7) that contains each point (P, >=3), -1 for none; both in one frame.
+
+    The same membership test as ``points_in_boxes(points, boxes)`` (and the same answer as its first ``True`` per
+    row), but run per box on the few points near it: points sorted by x give each box's candidates within half its
+    footprint diagonal (plus 1 cm) in x by binary search, then in y, instead of testing all P x M pairs.
+    """
+    out = np.full(len(points), -1, dtype=np.int64)
+    if not len(points) or not len(boxes):
+        return out
+    b = np.asarray(boxes, dtype=np.float64)
+    pts = np.asarray(points)
+    order = np.argsort(pts[:, 0], kind="stable")
+    xs = pts[order, 0].astype(np.float64)
+    reach = 0.5 * np.hypot(b[:, 3], b[:, 4]) + 0.01  # any point inside is at most this far in x and in y
+    lo = np.searchsorted(xs, b[:, 0] - reach, side="left")
+    hi = np.searchsorted(xs, b[:, 0] + reach, side="right")
+    for m in range(len(b)):  # in box order: a point keeps the first box that contains it
+        cand = order[lo[m]:hi[m]]
+        cand = cand[(np.abs(pts[cand, 1].astype(np.float64) - b[m, 1]) <= reach[m]) & (out[cand] < 0)]
+        if len(cand):
+            out[cand[points_in_boxes(pts[cand], b[m:m + 1])[:, 0]]] = m
+    return out
 
 
 class CameraDetectionDataset(Dataset):
@@ -97,14 +120,19 @@ class CameraDetectionDataset(Dataset):
         train: draw random augmentation; ``False``: deterministic eval transform and no BDA.
         point_range_m: (x0, y0, z0, x1, y1, z1) box filter without a cache (the teacher's point range).
         min_depth_m: nearest depth projected without a cache (the extraction's ``min_depth_m``).
+        lidar_reader: for the online teacher: a reader with the teacher's ``num_sweeps``; each sample then also
+            carries the teacher's multi-sweep points (``lidar_points``, un-augmented key lidar frame, metres), so
+            the LiDAR is read in the DataLoader workers and not in the training process. Without a cache the same
+            frame also gives the GT boxes and the depth points (its key sweep), so nothing is read twice.
     """
 
     def __init__(self, reader: NuScenesReader, tokens: Sequence[str], *, cache: CacheReader | None,
                  input_hw: tuple[int, int], feature_stride: int, image_policy: ImageAugPolicy,
                  bda_policy: BevAugmentPolicy | None, seed: int = 0, train: bool = True, split: str | None = None,
                  cache_grid: BevGrid | None = None, point_range_m: Sequence[float] | None = None,
-                 min_depth_m: float = 0.5):
+                 min_depth_m: float = 0.5, lidar_reader: NuScenesReader | None = None):
         self.reader = reader
+        self.lidar_reader = lidar_reader
         self.tokens = list(tokens)
         self.cache = cache
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
@@ -161,8 +189,12 @@ class CameraDetectionDataset(Dataset):
             views = {v.channel: v for v in self.reader.load_cameras(record, record["data"][LIDAR_CHANNEL])}
             frame = None
         else:
-            frame = self.reader.load_sample(token)
+            frame = (self.lidar_reader or self.reader).load_sample(token)
             views = {v.channel: v for v in frame.cameras}
+        lidar_points = None
+        if self.lidar_reader is not None:
+            lidar_frame = frame if frame is not None else self.lidar_reader.load_sample(token)
+            lidar_points = torch.from_numpy(np.ascontiguousarray(lidar_frame.lidar.points, np.float32))
         cams = [views[ch] for ch in CAMERA_CHANNELS]
         img_tfs, bda = self.transforms(index, [(c.width, c.height) for c in cams])
 
@@ -196,6 +228,7 @@ class CameraDetectionDataset(Dataset):
             labels=torch.from_numpy(np.asarray(labels, np.int64)),
             depth_m=torch.stack(depth_maps),
             depth_box=torch.stack(box_maps),
+            lidar_points=lidar_points,
         )
         if cached is not None:
             kp = cached.keypoints  # (M, K, 2), un-augmented frame
@@ -222,6 +255,9 @@ def collate_camera(items: Sequence[CameraSample]) -> CameraBatch:
     if any(with_teacher) != all(with_teacher):
         raise ValueError("a batch mixes samples with and without teacher targets")
     teacher = _collate_teacher(items) if all(with_teacher) else None
+    with_lidar = [s.lidar_points is not None for s in items]
+    if any(with_lidar) != all(with_lidar):
+        raise ValueError("a batch mixes samples with and without teacher LiDAR points")
     return CameraBatch(
         tokens=[s.token for s in items],
         images=torch.stack([s.images for s in items]),
@@ -234,6 +270,7 @@ def collate_camera(items: Sequence[CameraSample]) -> CameraBatch:
         depth_m=torch.stack([s.depth_m for s in items]),
         depth_box=torch.stack([s.depth_box for s in items]),
         teacher=teacher,
+        lidar_points=[s.lidar_points for s in items] if all(with_lidar) else None,
     )
 
 

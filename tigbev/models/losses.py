@@ -255,9 +255,32 @@ class InnerDepthLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_NORM_EPS = 1e-12  # F.normalize's: a row's norm is clamped to at least this
+
+
 def _row_normalized_gram(f: torch.Tensor) -> torch.Tensor:
     """(Nb, R, X) -> (Nb, R, R): ``f f^T`` with each row L2-normalised (all-zero rows stay zero)."""
-    return F.normalize(torch.bmm(f, f.transpose(1, 2)), dim=-1)
+    return F.normalize(torch.bmm(f, f.transpose(1, 2)), dim=-1, eps=_NORM_EPS)
+
+
+def _gram_row_distances(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """(Nb, R, X) student and teacher rows -> (Nb, R): ``|| n(G_s)[i] - n(G_t)[i] ||^2`` per row, with
+    ``G = f f^T`` and ``n`` the row L2 normalisation of ``F.normalize`` (norm clamped to at least 1e-12).
+
+    Expanded as ``|a|^2 / m_a^2 + |b|^2 / m_b^2 - 2 a.b / (m_a m_b)`` (``m = max(|row|, eps)``), which equals the
+    difference of the normalised matrices without building them: three reductions of (Nb, R, R) products instead
+    of two normalisations, a difference and a square, forward and backward (the TiG step's largest extra cost).
+    Identical inputs give exactly 0; all-zero rows give 0 against zero rows and 1 against non-zero ones.
+    """
+    g_s = torch.bmm(f_s, f_s.transpose(1, 2))
+    g_t = torch.bmm(f_t, f_t.transpose(1, 2))
+    sq_s = (g_s * g_s).sum(dim=-1)
+    sq_t = (g_t * g_t).sum(dim=-1)
+    cross = (g_s * g_t).sum(dim=-1)
+    # Clamp the squared norm (not the norm): same value as max(|a|, eps) and a finite gradient at zero rows.
+    m_s = sq_s.clamp(min=_NORM_EPS ** 2).sqrt()
+    m_t = sq_t.clamp(min=_NORM_EPS ** 2).sqrt()
+    return sq_s / (m_s * m_s) + sq_t / (m_t * m_t) - 2.0 * cross / (m_s * m_t)
 
 
 def inter_keypoint_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -270,9 +293,7 @@ def inter_keypoint_loss(student: torch.Tensor, teacher: torch.Tensor, valid: tor
     with no valid keypoint gives 0.
     """
     mask = valid[..., None].float()
-    g_s = _row_normalized_gram(student.float() * mask)  # (Nb, K, K)
-    g_t = _row_normalized_gram(teacher.float() * mask)
-    per_row = (g_s - g_t).square().sum(dim=-1)  # (Nb, K), 0 on invalid rows
+    per_row = _gram_row_distances(student.float() * mask, teacher.float() * mask)  # (Nb, K), 0 on invalid rows
     return per_row.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)
 
 
@@ -286,9 +307,8 @@ def inter_channel_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torc
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(f"inter-channel loss needs equal channels, got {student.shape[-1]} and {teacher.shape[-1]}")
     mask = valid[..., None].float()
-    g_s = _row_normalized_gram((student.float() * mask).transpose(1, 2))  # (Nb, C, C)
-    g_t = _row_normalized_gram((teacher.float() * mask).transpose(1, 2))
-    return (g_s - g_t).square().sum(dim=-1).mean(dim=-1)
+    per_row = _gram_row_distances((student.float() * mask).transpose(1, 2), (teacher.float() * mask).transpose(1, 2))
+    return per_row.mean(dim=-1)  # (Nb,): mean over the C rows
 
 
 class InnerFeatureDistillation(nn.Module):

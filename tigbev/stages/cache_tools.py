@@ -96,7 +96,7 @@ def verify_cache(url: str) -> list[Fault]:
     group = reader.group
     try:
         done = np.asarray(group["done"][:]).astype(bool)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to read is a fault to report, not to raise
         return [Fault(-1, "", "done", f"unreadable: {exc}")]
     if not m.complete:
         faults.append(Fault(-1, "", "manifest", f"incomplete: {int(done.sum())} of {m.dataset.num_samples} done"))
@@ -109,7 +109,7 @@ def verify_cache(url: str) -> list[Fault]:
             continue
         try:
             rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported as a fault
             faults += [Fault(i, "", "index", f"shard index unreadable: {exc}") for i in r]
             continue
         if rows["sample_idx"] != list(r):
@@ -122,13 +122,13 @@ def verify_cache(url: str) -> list[Fault]:
             try:
                 np.asarray(arr[...])
                 continue
-            except Exception:
-                pass  # find which samples are hit, below
+            except Exception:  # noqa: BLE001, S110 - find which samples are hit, below
+                pass
             for j, i in enumerate(r):
                 start, count = _rows_of(name, rows, j)
                 try:
                     np.asarray(arr[start:start + count])
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - reported as a fault
                     faults.append(Fault(i, rows["token"][j], name, f"unreadable: {_short(exc)}"))
         for name in ("boxes", "depth"):
             arr = _member(group, f"{shard_path(shard)}/{name}")
@@ -140,7 +140,7 @@ def verify_cache(url: str) -> list[Fault]:
             for i in r:
                 try:
                     np.asarray(group["bev"][i])
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - reported as a fault
                     faults.append(Fault(i, rows["token"][i - r.start], "bev", f"unreadable: {_short(exc)}"))
     if m.complete:
         try:
@@ -152,7 +152,7 @@ def verify_cache(url: str) -> list[Fault]:
 
                 if tokens_sha256(index["token"]) != m.dataset.tokens_sha256:
                     faults.append(Fault(-1, "", "index", "sample tokens differ from the manifest's fingerprint"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported as a fault
             faults.append(Fault(-1, "", "index", f"unreadable: {_short(exc)}"))
     return faults
 

@@ -35,12 +35,23 @@ from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.errors import TigbevError
 from tigbev.geometry import BevGrid, box_keypoints_xy
 from tigbev.models.bev_sampling import sample_bev
-from tigbev.models.losses import DenseDepthLoss, DenseFeatureMSE, InnerDepthLoss, InnerFeatureDistillation
-from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
+from tigbev.models.self_assessment import SelfAssessmentDistill
+from tigbev.models.losses import (
+    DenseDepthLoss,
+    DenseFeatureMSE,
+    InnerDepthLoss,
+    InnerFeatureDistillation,
+)
+from tigbev.models.student.student import (
+    FEATURE_STRIDE,
+    CameraStudent,
+    StudentConfig,
+    student_preset,
+)
 from tigbev.pipeline.plots import plot_loss_curves
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
 
-__all__ = ["DistillationModel", "TrainStudentResult", "run"]
+__all__ = ["DistillationModel", "StepTimes", "TrainStudentResult", "run", "training_step"]
 
 _LOG_EVERY = 5
 # The teacher's box filter when there is no cache (teacher point range); the nuScenes range of both presets.
@@ -72,6 +83,7 @@ class DistillationModel(nn.Module):
         self.teacher_grid = teacher_grid
         self.distill = None
         self.dense_mse = None
+        self.self_assessment: SelfAssessmentDistill | None = None
         if teacher_grid is not None and teacher_channels is not None:
             self.distill = InnerFeatureDistillation(
                 student_cfg.bev_channels, teacher_channels, student_grid=student_cfg.bev_grid,
@@ -80,6 +92,9 @@ class DistillationModel(nn.Module):
             if cfg.weights.dense_feature > 0:
                 self.dense_mse = DenseFeatureMSE(student_cfg.bev_channels, teacher_channels,
                                                  student_grid=student_cfg.bev_grid, teacher_grid=student_cfg.bev_grid)
+            if cfg.weights.self_assessment > 0:
+                self.self_assessment = SelfAssessmentDistill(cfg.self_assessment, student_cfg.bev_channels,
+                                                             teacher_channels)
 
     def forward(self, batch: CameraBatch, teacher_map: torch.Tensor | None) -> dict[str, torch.Tensor]:
         out = self.student(batch)
@@ -97,10 +112,21 @@ class DistillationModel(nn.Module):
             t = batch.teacher
             losses.update(self.distill(out.bev_features, t.kp_student_xy, t.box_mask, teacher_bev=teacher_map,
                                        teacher_keypoints_xy=t.kp_teacher_xy))
-            if self.dense_mse is not None:
+            if self.dense_mse is not None or self.self_assessment is not None:
                 warped = _teacher_in_student_frame(teacher_map, batch.bda, self.teacher_grid,
                                                    self.student.cfg.bev_grid)
+            if self.dense_mse is not None:
                 losses["dense_feature"] = w.dense_feature * self.dense_mse(out.bev_features, warped)
+            if self.self_assessment is not None:
+                # A foreground cache holds the teacher map only around boxes: the loss counts the student cells
+                # whose teacher value was stored (whole cells after the BDA warp), never the zeros elsewhere.
+                stored = None
+                if t.map_cells is not None:
+                    th, tw = self.teacher_grid.shape_hw
+                    stored = _teacher_in_student_frame(t.stored_mask(th, tw), batch.bda, self.teacher_grid,
+                                                       self.student.cfg.bev_grid) > 0.999
+                sa = self.self_assessment(out.bev_features, warped, stored)
+                losses.update({k: w.self_assessment * v for k, v in sa.items()})
         return losses
 
 
@@ -117,12 +143,20 @@ def _teacher_in_student_frame(teacher_map: torch.Tensor, bda: torch.Tensor, teac
 
 
 class _OnlineTeacher:
-    """The published way: the frozen teacher runs on each batch's LiDAR (loaded here, un-augmented)."""
+    """The published way: the frozen teacher runs on each batch's LiDAR (un-augmented key lidar frame).
+
+    The points come with the batch (``CameraBatch.lidar_points``, read by the DataLoader workers when the dataset
+    is given ``lidar_reader=online.reader``); a batch without them has its LiDAR read here, in the training process.
+    """
 
     def __init__(self, checkpoint: Path, reader: NuScenesReader, device: torch.device):
-        from tigbev.models.teacher.checkpoint import load_teacher  # imported only in online mode
+        from tigbev.models.teacher.checkpoint import (
+            load_teacher,  # imported only in online mode
+        )
         from tigbev.models.teacher.frozen import FrozenTeacher
+        from tigbev.stages.extract_teacher import teacher_bev_map
 
+        self._bev_map = teacher_bev_map  # the distilled map only (the teacher's head is not needed)
         model, self.cfg, self.ckpt = load_teacher(checkpoint, device)
         self.teacher = FrozenTeacher(model)
         self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.cfg.num_sweeps)
@@ -131,8 +165,11 @@ class _OnlineTeacher:
     def targets(self, batch: CameraBatch, grid_size: int = 24, enlarge_m: float = 1.6
                 ) -> tuple[TeacherTargets, torch.Tensor]:
         points, kp_t, kp_s = [], [], []
-        for token, boxes, bda in zip(batch.tokens, batch.gt_boxes, batch.bda):
-            points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
+        for i, (token, boxes, bda) in enumerate(zip(batch.tokens, batch.gt_boxes, batch.bda)):
+            if batch.lidar_points is not None:
+                points.append(batch.lidar_points[i].to(self.device))
+            else:
+                points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
             inv = np.linalg.inv(bda.cpu().double().numpy())
             raw = similarity_apply_boxes(inv, boxes.cpu().double().numpy())  # back to the un-augmented frame
             kp = box_keypoints_xy(raw, enlarge_m=enlarge_m, grid_size=grid_size)
@@ -145,10 +182,60 @@ class _OnlineTeacher:
         mask = torch.zeros((b, m_max), dtype=torch.bool)
         for i in range(b):
             kt[i, :len(kp_t[i])], ks[i, :len(kp_s[i])], mask[i, :len(kp_t[i])] = kp_t[i], kp_s[i], True
-        fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), an ordinary tensor
+        fmap = self._bev_map(self.teacher, points).clone()  # (B, C, H, W), an ordinary tensor outside inference mode
         targets = TeacherTargets(kp_teacher_xy=kt, kp_student_xy=ks, box_mask=mask, map_cells=None,
                                  map_features=fmap).to(self.device)
         return targets, fmap
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock seconds of one training step's parts (CUDA synchronised at each boundary when on a GPU)."""
+
+    targets_s: float
+    """Teacher targets: the dense teacher map from the cache cells, or the online teacher's forward + keypoints."""
+    total_s: float
+    """The whole step: targets, forward, losses, backward, clipping and the optimiser update."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  batch: CameraBatch, *, online: _OnlineTeacher | None, teacher_hw: tuple[int, int],
+                  device: torch.device, use_amp: bool, grad_clip: float, keypoint_grid: int = 24,
+                  keypoint_enlarge_m: float = 1.6) -> tuple[torch.Tensor, dict[str, torch.Tensor], StepTimes]:
+    """One optimisation step on a batch already on ``device``: teacher targets (online teacher or the cached
+    cells), forward, named losses, finite check, backward, gradient clipping, optimiser and scaler update.
+
+    ``model`` is the :class:`DistillationModel` (or its DDP wrapper); ``teacher_hw`` the teacher map's (H, W)
+    cells. Returns (total loss, named losses, timings). The learning-rate schedule is the caller's.
+    """
+    t0 = time.perf_counter()
+    teacher_map = None
+    if online is not None:
+        batch.teacher, teacher_map = online.targets(batch, grid_size=keypoint_grid, enlarge_m=keypoint_enlarge_m)
+    elif batch.teacher is not None:
+        teacher_map = batch.teacher.dense_map(*teacher_hw)
+    _sync(device)
+    t1 = time.perf_counter()
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        losses = model(batch, teacher_map)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise TigbevError(f"non-finite student loss (samples {batch.tokens}): "
+                          f"{ {k: float(v) for k, v in losses.items()} }")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = model.module.parameters() if hasattr(model, "module") else model.parameters()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    _sync(device)
+    return loss, losses, StepTimes(targets_s=t1 - t0, total_s=time.perf_counter() - t0)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -207,6 +294,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=BevAugmentPolicy() if cfg.augment else None,
         seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
         min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
+        lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
     )
     model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
     if cfg.backbone_weights is not None and not (cfg.resume and ckpt_path.exists()):
@@ -270,27 +358,14 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
             for batch in bar:
                 t0 = time.perf_counter()
                 batch = batch.to(device)
-                teacher_map = None
-                if online is not None:
-                    batch.teacher, teacher_map = online.targets(batch)
-                elif batch.teacher is not None:
-                    teacher_map = batch.teacher.dense_map(th, tw)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    losses = train_model(batch, teacher_map)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise TigbevError(f"non-finite student loss at step {step} (samples {batch.tokens}): "
-                                      f"{ {k: float(v) for k, v in losses.items()} }")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                try:
+                    loss, losses, _ = training_step(train_model, optimizer, scaler, batch, online=online,
+                                                    teacher_hw=(th, tw), device=device, use_amp=use_amp,
+                                                    grad_clip=cfg.grad_clip, keypoint_grid=cfg.keypoint_grid)
+                except TigbevError as exc:
+                    raise TigbevError(f"at step {step}: {exc}") from None
                 scheduler.step()
                 step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
                 step_times.append(time.perf_counter() - t0)
                 last = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
                 bar.set_postfix(loss=f"{last['total']:.3f}")
