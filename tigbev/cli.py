@@ -186,6 +186,9 @@ def train_student(
     w_keypoint: Annotated[float, typer.Option(help="Inter-keypoint distillation weight (TiG).")] = 100.0,
     w_channel: Annotated[float, typer.Option(help="Inter-channel distillation weight (TiG).")] = 10.0,
     w_dense_feature: Annotated[float, typer.Option(help="Dense BEV feature MSE (a baseline, not TiG).")] = 0.0,
+    w_self_assessment: Annotated[float, typer.Option(
+        help="Self-assessment cross-attention distillation (METHOD.md section 7; TaT uses 0.1).")] = 0.0,
+    keypoint_grid: Annotated[int, typer.Option(min=2, help="Keypoints per box side, online teacher.")] = 24,
     baseline: Annotated[bool, typer.Option(help="No distillation: detection + dense depth only.")] = False,
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     batch_size: Annotated[int, typer.Option(min=1)] = 2,
@@ -204,14 +207,14 @@ def train_student(
     try:
         weights = LossWeights.baseline() if baseline else LossWeights(
             depth=w_depth, inner_depth=w_inner_depth, inter_keypoint=w_keypoint, inter_channel=w_channel,
-            dense_feature=w_dense_feature)
+            dense_feature=w_dense_feature, self_assessment=w_self_assessment)
         cfg = TrainStudentConfig(
             preset=preset, dataroot=dataroot, split=split, out_dir=out, cache=cache,
             teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
             teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
             weights=weights, val_split=val_split,
             epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
-            augment=not no_augment, max_steps=max_steps,
+            augment=not no_augment, max_steps=max_steps, keypoint_grid=keypoint_grid,
         )
         result = stage.run(cfg)
     except (TigbevError, ValueError) as exc:
