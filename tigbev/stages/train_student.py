@@ -35,19 +35,9 @@ from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.errors import TigbevError
 from tigbev.geometry import BevGrid, box_keypoints_xy
 from tigbev.models.bev_sampling import sample_bev
+from tigbev.models.losses import DenseDepthLoss, DenseFeatureMSE, InnerDepthLoss, InnerFeatureDistillation
 from tigbev.models.self_assessment import SelfAssessmentDistill
-from tigbev.models.losses import (
-    DenseDepthLoss,
-    DenseFeatureMSE,
-    InnerDepthLoss,
-    InnerFeatureDistillation,
-)
-from tigbev.models.student.student import (
-    FEATURE_STRIDE,
-    CameraStudent,
-    StudentConfig,
-    student_preset,
-)
+from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
 from tigbev.pipeline.plots import plot_loss_curves
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
 
@@ -150,9 +140,7 @@ class _OnlineTeacher:
     """
 
     def __init__(self, checkpoint: Path, reader: NuScenesReader, device: torch.device):
-        from tigbev.models.teacher.checkpoint import (
-            load_teacher,  # imported only in online mode
-        )
+        from tigbev.models.teacher.checkpoint import load_teacher  # imported only in online mode
         from tigbev.models.teacher.frozen import FrozenTeacher
         from tigbev.stages.extract_teacher import teacher_bev_map
 
