@@ -116,3 +116,16 @@ def test_cli_train_teacher(synth_root: Path, tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["train-teacher", "--preset", "demo", "--dataroot", str(synth_root), "--split",
                                    "nope", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_map_only_forward_equals_the_full_forwards_map(synth_reader: NuScenesReader) -> None:
+    """Extraction and the online teacher skip the CenterHead: the distilled map must be exactly the full forward's."""
+    from tigbev.stages.extract_teacher import teacher_bev_map
+
+    torch.manual_seed(1)
+    teacher = FrozenTeacher(CenterPoint(teacher_preset("demo")).to("cpu"))
+    pts = _points(synth_reader, "synth_train")
+    full = teacher([pts, pts[::2]]).bev_features
+    only = teacher_bev_map(teacher, [pts, pts[::2]])
+    assert only.shape == full.shape and float(full.abs().max()) > 0
+    assert torch.equal(only, full)
