@@ -258,11 +258,6 @@ class InnerDepthLoss(nn.Module):
 _NORM_EPS = 1e-12  # F.normalize's: a row's norm is clamped to at least this
 
 
-def _row_normalized_gram(f: torch.Tensor) -> torch.Tensor:
-    """(Nb, R, X) -> (Nb, R, R): ``f f^T`` with each row L2-normalised (all-zero rows stay zero)."""
-    return F.normalize(torch.bmm(f, f.transpose(1, 2)), dim=-1, eps=_NORM_EPS)
-
-
 def _gram_row_distances(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     """(Nb, R, X) student and teacher rows -> (Nb, R): ``|| n(G_s)[i] - n(G_t)[i] ||^2`` per row, with
     ``G = f f^T`` and ``n`` the row L2 normalisation of ``F.normalize`` (norm clamped to at least 1e-12).
