@@ -120,12 +120,10 @@ def test_cli_train_teacher(synth_root: Path, tmp_path: Path) -> None:
 
 def test_map_only_forward_equals_the_full_forwards_map(synth_reader: NuScenesReader) -> None:
     """Extraction and the online teacher skip the CenterHead: the distilled map must be exactly the full forward's."""
-    from tigbev.stages.extract_teacher import teacher_bev_map
-
     torch.manual_seed(1)
     teacher = FrozenTeacher(CenterPoint(teacher_preset("demo")).to("cpu"))
     pts = _points(synth_reader, "synth_train")
     full = teacher([pts, pts[::2]]).bev_features
-    only = teacher_bev_map(teacher, [pts, pts[::2]])
+    only = teacher.bev_map([pts, pts[::2]])
     assert only.shape == full.shape and float(full.abs().max()) > 0
     assert torch.equal(only, full)

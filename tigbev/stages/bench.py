@@ -530,7 +530,6 @@ def _forward_only(ckpt: Path, dataroot: Path, tokens: Sequence[str], device: str
     from tigbev.models.teacher.checkpoint import load_teacher
     from tigbev.models.teacher.frozen import FrozenTeacher
     from tigbev.pipeline.provenance import pick_device
-    from tigbev.stages.extract_teacher import teacher_bev_map
 
     dev = pick_device(device)
     model, tcfg, _ = load_teacher(ckpt, dev)
@@ -542,7 +541,7 @@ def _forward_only(ckpt: Path, dataroot: Path, tokens: Sequence[str], device: str
         teacher([p]).bev_features.cpu()
 
     def map_only(p: Any) -> None:
-        teacher_bev_map(teacher, [p]).cpu()
+        teacher.bev_map([p]).cpu()
 
     out: dict[str, float] = {}
     pts: list[Any] = []

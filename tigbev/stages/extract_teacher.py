@@ -43,7 +43,7 @@ from tigbev.models.teacher.checkpoint import load_teacher
 from tigbev.models.teacher.frozen import FrozenTeacher
 from tigbev.pipeline.provenance import file_sha256, pick_device, provenance
 
-__all__ = ["ExtractResult", "foreground_cells", "run", "teacher_bev_map"]
+__all__ = ["ExtractResult", "foreground_cells", "run"]
 
 BOX_FILTER = "detection classes with at least one LiDAR point and the centre inside the teacher's point range"
 
@@ -142,17 +142,6 @@ def _quantize_int8(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def teacher_bev_map(teacher: FrozenTeacher, points: list[torch.Tensor]) -> torch.Tensor:
-    """The distilled map only, ``TeacherOutput.bev_features`` (B, C, H, W) on the teacher's BEV grid: CenterPoint up
-    to its neck, in inference mode. The CenterHead's predictions are neither cached nor distilled, so extraction (and
-    the online teacher) skip them: the head is about a third of the demo teacher's forward on the CPU."""
-    m = teacher.model
-    with torch.inference_mode():
-        vox = m.voxelizer(points)
-        bev = m.middle_encoder(vox.features, vox.coords, vox.batch_size)
-        return m.neck(m.backbone(bev))
-
-
 def _collate(items: list[_Item]) -> list[_Item]:
     return items
 
@@ -239,7 +228,7 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
             if errors:
                 raise errors[0]
             points = [it.points.to(device) for it in items]
-            bev = teacher_bev_map(teacher, points).float().cpu().numpy()  # (B, C, H, W)
+            bev = teacher.bev_map(points).float().cpu().numpy()  # (B, C, H, W)
             for it, fmap in zip(items, bev):
                 record = _record(it, fmap, grid, cfg, manifest.features.margin_cells)
                 shard = manifest.shard_of(it.sample_idx)

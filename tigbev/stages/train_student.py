@@ -142,9 +142,6 @@ class _OnlineTeacher:
     def __init__(self, checkpoint: Path, reader: NuScenesReader, device: torch.device):
         from tigbev.models.teacher.checkpoint import load_teacher  # imported only in online mode
         from tigbev.models.teacher.frozen import FrozenTeacher
-        from tigbev.stages.extract_teacher import teacher_bev_map
-
-        self._bev_map = teacher_bev_map  # the distilled map only (the teacher's head is not needed)
         model, self.cfg, self.ckpt = load_teacher(checkpoint, device)
         self.teacher = FrozenTeacher(model)
         self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.cfg.num_sweeps)
@@ -170,7 +167,7 @@ class _OnlineTeacher:
         mask = torch.zeros((b, m_max), dtype=torch.bool)
         for i in range(b):
             kt[i, :len(kp_t[i])], ks[i, :len(kp_s[i])], mask[i, :len(kp_t[i])] = kp_t[i], kp_s[i], True
-        fmap = self._bev_map(self.teacher, points).clone()  # (B, C, H, W), an ordinary tensor outside inference mode
+        fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), the map only, an ordinary tensor
         targets = TeacherTargets(kp_teacher_xy=kt, kp_student_xy=ks, box_mask=mask, map_cells=None,
                                  map_features=fmap).to(self.device)
         return targets, fmap

@@ -144,9 +144,12 @@ class CenterPoint(nn.Module):
         set_conv_algo(moved, next(moved.parameters()).device)
         return moved
 
-    def forward(self, points: list[torch.Tensor]) -> TeacherOutput:
+    def bev_map(self, points: list[torch.Tensor]) -> torch.Tensor:
+        """The BEV feature map the head reads (and students distil), (B, C, H, W): everything but the head."""
         vox = self.voxelizer(points)
         bev = self.middle_encoder(vox.features, vox.coords, vox.batch_size)  # (B, C*D, H/8, W/8)
-        feats = self.backbone(bev)
-        bev_features = self.neck(feats)
+        return self.neck(self.backbone(bev))
+
+    def forward(self, points: list[torch.Tensor]) -> TeacherOutput:
+        bev_features = self.bev_map(points)
         return TeacherOutput(bev_features=bev_features, preds=self.head(bev_features))
