@@ -25,7 +25,6 @@ from tigbev.data.camera_dataset import (
     CameraDetectionDataset,
     CameraSample,
     collate_camera,
-    first_box_of_points,
 )
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.lidar_dataset import training_boxes
@@ -413,18 +412,3 @@ def test_online_teacher_lidar_is_read_by_the_dataset(reader: NuScenesReader, syn
     with pytest.raises(ValueError, match="teacher LiDAR"):
         collate_camera([plain[0], online[1]])
 
-
-def test_first_box_of_points_equals_the_full_membership_test() -> None:
-    rng = np.random.default_rng(3)
-    pts = rng.uniform([-20, -20, -2], [20, 20, 2], size=(20000, 3)).astype(np.float32)
-    boxes = np.column_stack([rng.uniform(-18, 18, (40, 2)), rng.uniform(-1, 1, 40), rng.uniform(0.5, 8, (40, 3)),
-                             rng.uniform(-np.pi, np.pi, 40)])
-    boxes[5, :7] = boxes[4, :7]  # an exact duplicate: its points belong to the first of the two
-    boxes[7, :2] = boxes[6, :2] + 0.5  # overlapping boxes
-    pts[:50, :2] = boxes[:50 // 5, :2].repeat(5, axis=0)  # points at box centres, some on top of each other
-    inside = points_in_boxes(pts, boxes)
-    want = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
-    got = first_box_of_points(pts, boxes)
-    np.testing.assert_array_equal(got, want)
-    assert (got >= 0).sum() > 1000 and not (got == 5).any() and (got == 4).any()
-    assert (first_box_of_points(pts, boxes[:0]) == -1).all() and first_box_of_points(pts[:0], boxes).shape == (0,)

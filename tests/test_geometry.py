@@ -11,6 +11,7 @@ from tigbev.geometry import (
     box_corners,
     box_keypoints_xy,
     count_points_in_boxes,
+    first_box_of_points,
     invert_pose,
     lwh_from_nuscenes_wlh,
     make_pose,
@@ -476,3 +477,19 @@ def test_keypoints_rotate_with_box():
     # The front row (i = G - 1) points along the heading.
     front_mid = rotated[12:16].mean(axis=0) - center
     np.testing.assert_allclose(front_mid / np.linalg.norm(front_mid), [np.cos(yaw), np.sin(yaw)], atol=1e-12)
+
+
+def test_first_box_of_points_equals_the_full_membership_test() -> None:
+    rng = np.random.default_rng(3)
+    pts = rng.uniform([-20, -20, -2], [20, 20, 2], size=(20000, 3)).astype(np.float32)
+    boxes = np.column_stack([rng.uniform(-18, 18, (40, 2)), rng.uniform(-1, 1, 40), rng.uniform(0.5, 8, (40, 3)),
+                             rng.uniform(-np.pi, np.pi, 40)])
+    boxes[5, :7] = boxes[4, :7]  # an exact duplicate: its points belong to the first of the two
+    boxes[7, :2] = boxes[6, :2] + 0.5  # overlapping boxes
+    pts[:50, :2] = boxes[:50 // 5, :2].repeat(5, axis=0)  # points at box centres, some on top of each other
+    inside = points_in_boxes(pts, boxes)
+    want = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+    got = first_box_of_points(pts, boxes)
+    np.testing.assert_array_equal(got, want)
+    assert (got >= 0).sum() > 1000 and not (got == 5).any() and (got == 4).any()
+    assert (first_box_of_points(pts, boxes[:0]) == -1).all() and first_box_of_points(pts[:0], boxes).shape == (0,)

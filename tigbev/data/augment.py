@@ -15,7 +15,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from tigbev.geometry import BOX_DIM_VEL, wrap_angle
 
-__all__ = ["BevAugmentPolicy", "BevTransform", "similarity_apply_boxes", "similarity_apply_points"]
+__all__ = ["BevAugmentPolicy", "BevTransform", "similarity_apply_boxes", "similarity_apply_points",
+           "similarity_apply_xy"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class BevTransform:
 
     def apply_xy(self, xy: ArrayLike) -> NDArray[np.float64]:
         """Metric BEV points (..., 2), e.g. keypoints."""
-        return np.asarray(xy, dtype=np.float64) @ self.matrix[:2, :2].T
+        return similarity_apply_xy(self.matrix, xy)
 
     def apply_boxes(self, boxes: ArrayLike) -> NDArray[np.float64]:
         """Boxes (N, 7 or 9) into the augmented frame."""
@@ -64,6 +65,11 @@ def similarity_apply_points(matrix: ArrayLike, points: ArrayLike) -> NDArray:
     out = p.copy()
     out[:, :3] = (p[:, :3].astype(np.float64) @ m[:3, :3].T).astype(p.dtype)
     return out
+
+
+def similarity_apply_xy(matrix: ArrayLike, xy: ArrayLike) -> NDArray[np.float64]:
+    """Metric BEV points (..., 2), e.g. keypoints, through the 2x2 part of a similarity ``matrix``: float64."""
+    return np.asarray(xy, dtype=np.float64) @ np.asarray(matrix, dtype=np.float64)[:2, :2].T
 
 
 def similarity_apply_boxes(matrix: ArrayLike, boxes: ArrayLike) -> NDArray[np.float64]:

@@ -29,11 +29,11 @@ from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.lidar_dataset import training_boxes
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL, NuScenesReader
 from tigbev.data.types import SampleFrame
-from tigbev.geometry import BevGrid, points_in_boxes, project_to_image
+from tigbev.geometry import BevGrid, first_box_of_points, project_to_image
 from tigbev.models.losses import nearest_depth_map
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CameraDetectionDataset", "CameraSample", "collate_camera",
-           "depth_points", "first_box_of_points"]
+           "depth_points", "pad_box_keypoints"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # RGB, of images scaled to [0, 1]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -75,31 +75,6 @@ def depth_points(frame: SampleFrame, boxes: NDArray, *, min_depth_m: float) -> N
                                 min_depth_m=min_depth_m)
         rows.append(np.column_stack([proj.uv, proj.depth_m, box_of_point[proj.index], np.full(len(proj), ci)]))
     return np.concatenate(rows).astype(np.float32).reshape(-1, 5)
-
-
-def first_box_of_points(points: NDArray, boxes: NDArray) -> NDArray[np.int64]:
-    """(P,) index of the first box (M, >=7) that contains each point (P, >=3), -1 for none; both in one frame.
-
-    The same membership test as ``points_in_boxes(points, boxes)`` (and the same answer as its first ``True`` per
-    row), but run per box on the few points near it: points sorted by x give each box's candidates within half its
-    footprint diagonal (plus 1 cm) in x by binary search, then in y, instead of testing all P x M pairs.
-    """
-    out = np.full(len(points), -1, dtype=np.int64)
-    if not len(points) or not len(boxes):
-        return out
-    b = np.asarray(boxes, dtype=np.float64)
-    pts = np.asarray(points)
-    order = np.argsort(pts[:, 0], kind="stable")
-    xs = pts[order, 0].astype(np.float64)
-    reach = 0.5 * np.hypot(b[:, 3], b[:, 4]) + 0.01  # any point inside is at most this far in x and in y
-    lo = np.searchsorted(xs, b[:, 0] - reach, side="left")
-    hi = np.searchsorted(xs, b[:, 0] + reach, side="right")
-    for m in range(len(b)):  # in box order: a point keeps the first box that contains it
-        cand = order[lo[m]:hi[m]]
-        cand = cand[(np.abs(pts[cand, 1].astype(np.float64) - b[m, 1]) <= reach[m]) & (out[cand] < 0)]
-        if len(cand):
-            out[cand[points_in_boxes(pts[cand], b[m:m + 1])[:, 0]]] = m
-    return out
 
 
 class CameraDetectionDataset(Dataset):
@@ -274,16 +249,28 @@ def collate_camera(items: Sequence[CameraSample]) -> CameraBatch:
     )
 
 
-def _collate_teacher(items: Sequence[CameraSample]) -> TeacherTargets:
-    b = len(items)
-    m_max = max(len(s.kp_teacher_xy) for s in items)
-    k = items[0].kp_teacher_xy.shape[1]
+def pad_box_keypoints(kp_teacher: Sequence[torch.Tensor], kp_student: Sequence[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample box keypoints (M_i, K, 2), teacher and student frames, padded to the batch's largest box count.
+
+    Returns ``(kp_teacher_xy, kp_student_xy)`` (B, M, K, 2) float32, zeros on padding, and ``box_mask`` (B, M),
+    ``False`` on padding. ``K`` comes from the first sample (``grid_size ** 2``, the same for every sample).
+    """
+    if len(kp_teacher) != len(kp_student) or not len(kp_teacher):
+        raise ValueError(f"pad_box_keypoints: {len(kp_teacher)} teacher and {len(kp_student)} student keypoint sets")
+    b, k = len(kp_teacher), kp_teacher[0].shape[1]
+    m_max = max(len(kp) for kp in kp_teacher)
     kp_t = torch.zeros((b, m_max, k, 2), dtype=torch.float32)
     kp_s = torch.zeros((b, m_max, k, 2), dtype=torch.float32)
     box_mask = torch.zeros((b, m_max), dtype=torch.bool)
-    for i, s in enumerate(items):
-        m = len(s.kp_teacher_xy)
-        kp_t[i, :m], kp_s[i, :m], box_mask[i, :m] = s.kp_teacher_xy, s.kp_student_xy, True
+    for i, (t, s) in enumerate(zip(kp_teacher, kp_student)):
+        kp_t[i, :len(t)], kp_s[i, :len(s)], box_mask[i, :len(t)] = t, s, True
+    return kp_t, kp_s, box_mask
+
+
+def _collate_teacher(items: Sequence[CameraSample]) -> TeacherTargets:
+    b = len(items)
+    kp_t, kp_s, box_mask = pad_box_keypoints([s.kp_teacher_xy for s in items], [s.kp_student_xy for s in items])
     dense = [s.map_cells is None for s in items]
     if any(dense) != all(dense):
         raise ValueError("a batch mixes dense and foreground teacher maps")

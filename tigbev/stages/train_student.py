@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from tigbev.cache_store import CacheReader
 from tigbev.config import TrainStudentConfig
-from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes
+from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes, similarity_apply_xy
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
-from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
+from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera, pad_box_keypoints
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.errors import TigbevError
@@ -155,18 +155,12 @@ class _OnlineTeacher:
                 points.append(batch.lidar_points[i].to(self.device))
             else:
                 points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
-            inv = np.linalg.inv(bda.cpu().double().numpy())
-            raw = similarity_apply_boxes(inv, boxes.cpu().double().numpy())  # back to the un-augmented frame
+            aug_from_lidar = bda.cpu().double().numpy()
+            raw = similarity_apply_boxes(np.linalg.inv(aug_from_lidar), boxes.cpu().double().numpy())  # un-augmented
             kp = box_keypoints_xy(raw, enlarge_m=enlarge_m, grid_size=grid_size)
             kp_t.append(torch.from_numpy(kp).float())
-            kp_s.append(torch.from_numpy(kp @ bda.cpu().double().numpy()[:2, :2].T).float())
-        m_max = max([len(k) for k in kp_t] + [0])
-        k = grid_size * grid_size
-        b = len(kp_t)
-        kt, ks = torch.zeros((b, m_max, k, 2)), torch.zeros((b, m_max, k, 2))
-        mask = torch.zeros((b, m_max), dtype=torch.bool)
-        for i in range(b):
-            kt[i, :len(kp_t[i])], ks[i, :len(kp_s[i])], mask[i, :len(kp_t[i])] = kp_t[i], kp_s[i], True
+            kp_s.append(torch.from_numpy(similarity_apply_xy(aug_from_lidar, kp)).float())
+        kt, ks, mask = pad_box_keypoints(kp_t, kp_s)
         fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), the map only, an ordinary tensor
         targets = TeacherTargets(kp_teacher_xy=kt, kp_student_xy=ks, box_mask=mask, map_cells=None,
                                  map_features=fmap).to(self.device)
