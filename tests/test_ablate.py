@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tigbev.cli import app
 from tigbev.config import LossWeights
-from tigbev.pipeline.ablate import ABLATION_ROWS, AblateConfig
+from tigbev.pipeline.ablate import ABLATION_ROWS, AblateConfig, ablation_table, headline_deltas
 
 
 def test_rows_add_one_component_at_a_time() -> None:
@@ -26,14 +26,44 @@ def test_rows_add_one_component_at_a_time() -> None:
         AblateConfig(out_dir=Path("x"), rows=("nope",))
 
 
+def _row(key: str, per_seed: dict[str, tuple[float, float]]) -> dict:
+    seeds = {s: {"mAP": m, "NDS": n, "mATE": 1.0, "mAOE": 1.0, "step_s": 0.5} for s, (m, n) in per_seed.items()}
+    mean = {k: sum(v[k] for v in seeds.values()) / len(seeds) for k in ("mAP", "NDS", "mATE", "mAOE", "step_s")}
+    return {"key": key, "label": key, "mean": mean, "half_range": {k: 0.0 for k in mean}, "per_seed": seeds,
+            "published": ""}
+
+
+def test_headline_deltas_pair_seeds_and_skip_missing_rows() -> None:
+    result = {"seeds": [0, 1], "student_epochs": 6, "rows": [
+        _row("baseline", {"0": (0.10, 0.20), "1": (0.30, 0.20)}),
+        _row("depth", {"0": (0.12, 0.25), "1": (0.20, 0.25)}),
+        _row("inter_keypoint", {"0": (0.15, 0.30), "1": (0.21, 0.40)}),
+    ]}
+    heads = {(h["row"], h["reference"]): h for h in headline_deltas(result)}
+    assert set(heads) == {("inter_keypoint", "depth"), ("inter_keypoint", "baseline")}  # no online / SA rows
+    over_depth = heads[("inter_keypoint", "depth")]
+    # Paired: seed 0 +3 points, seed 1 +1 point (not the difference of the seed means' spreads).
+    assert over_depth["mAP"]["per_seed_points"] == pytest.approx({"0": 3.0, "1": 1.0})
+    assert over_depth["mAP"]["mean_points"] == pytest.approx(2.0)
+    assert over_depth["mAP"]["half_range_points"] == pytest.approx(1.0)
+    assert over_depth["NDS"]["mean_points"] == pytest.approx(10.0)  # +5 and +15
+    assert over_depth["NDS"]["half_range_points"] == pytest.approx(5.0)
+    assert over_depth["published_points"] == {"mAP": 2.4, "NDS": 2.3}
+    assert heads[("inter_keypoint", "baseline")]["mAP"]["mean_points"] == pytest.approx(-2.0)
+    md = ablation_table(result)
+    assert "| +2.0 ± 1.0 | +10.0 ± 5.0 | +2.4 / +2.3 |" in md
+    one_seed = {**result, "rows": [_row("depth", {"0": (0.1, 0.1)}), _row("inter_keypoint", {"1": (0.2, 0.2)})]}
+    assert headline_deltas(one_seed) == []  # no seed in common: nothing to pair
+
+
 def test_tiny_ablation_from_scratch(tmp_path: Path) -> None:
     out = tmp_path / "ablate"
-    args = ["ablate", "--out", str(out), "--tiny", "--workers", "0", "--seeds", "0,1",
-            "--rows", "baseline,self_assessment,online"]
+    args = ["ablate", "--preset", "demo", "--out", str(out), "--tiny", "--workers", "0", "--seeds", "0,1",
+            "--rows", "baseline,inter_keypoint,self_assessment,online"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     table = json.loads((out / "ablation.json").read_text())
-    assert [r["key"] for r in table["rows"]] == ["baseline", "self_assessment", "online"]
+    assert [r["key"] for r in table["rows"]] == ["baseline", "inter_keypoint", "self_assessment", "online"]
     for r in table["rows"]:
         assert set(r["per_seed"]) == {"0", "1"}
         for k in ("mAP", "NDS", "mATE", "mAOE"):
@@ -46,7 +76,22 @@ def test_tiny_ablation_from_scratch(tmp_path: Path) -> None:
     assert "inter_keypoint" not in (out / "student-ablate-baseline-s0" / "metrics.jsonl").read_text()
     online_cfg = json.loads((out / "student-ablate-online-s1" / "config.json").read_text())["train"]
     assert online_cfg["teacher"] == "online" and online_cfg["seed"] == 1
+    pairs = [(h["row"], h["reference"]) for h in table["headlines"]]
+    assert pairs == [("inter_keypoint", "baseline"), ("online", "inter_keypoint"),
+                     ("self_assessment", "inter_keypoint")]
+    rows_by_key = {r["key"]: r for r in table["rows"]}
+    for h in table["headlines"]:
+        want = [100 * (rows_by_key[h["row"]]["per_seed"][s]["NDS"] - rows_by_key[h["reference"]]["per_seed"][s]["NDS"])
+                for s in ("0", "1")]
+        assert h["NDS"]["mean_points"] == pytest.approx(sum(want) / 2)
     md = (out / "ablation.md").read_text()
     assert "+ self-assessment" in md and "±" in md
     assert (out / "ablation.png").stat().st_size > 0
     assert "TiG-BEV" in result.output
+
+
+def test_ablate_refuses_presets_other_than_demo(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["ablate", "--preset", "nuscenes", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "demo world only" in result.output
+    assert not (tmp_path / "a").exists()  # refused before anything was written

@@ -277,6 +277,8 @@ def demo(
 
 @app.command("ablate")
 def ablate(
+    preset: Annotated[str, typer.Option(help="World and budget: 'demo', the synthetic demo world (the only one).")]
+    = "demo",
     out: Annotated[Path, typer.Option(help="Directory for the world and every row (shared with `tigbev demo`).")]
     = Path("runs/ablate"),
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; the table shows their mean.")] = "0,1",
@@ -290,6 +292,10 @@ def ablate(
     from tigbev.pipeline.ablate import AblateConfig, ablation_table, run
     from tigbev.pipeline.demo import DemoConfig
 
+    if preset != "demo":
+        raise _fail(ValueError(
+            f"--preset {preset!r}: the ablation runs on the demo world only ('demo'); on real data train one "
+            "`tigbev train-student` per row with the --w-* weights and score each with `tigbev evaluate`"))
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         kwargs: dict = {} if rows is None else {"rows": tuple(r.strip() for r in rows.split(",") if r.strip())}

@@ -22,7 +22,8 @@ from tigbev.config import LossWeights
 from tigbev.pipeline.demo import DemoConfig, prepare_world, train_demo_student
 from tigbev.pipeline.provenance import write_json_atomic
 
-__all__ = ["ABLATION_ROWS", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table", "run"]
+__all__ = ["ABLATION_ROWS", "HEADLINES", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table",
+           "headline_deltas", "run"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,15 @@ PUBLISHED: dict[str, str] = {
     "online": "the published way (same losses)",
 }
 """METHOD.md section 6: the paper reports the whole of TiG-BEV over its bases; no per-component numbers are given."""
+
+HEADLINES: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = (
+    ("inter_keypoint", "depth", "TiG-BEV over its base (+ dense depth, as BEVDepth)", (2.4, 2.3)),
+    ("inter_keypoint", "baseline", "TiG-BEV over detection only (no depth supervision, as BEVDet)", (10.3, 9.1)),
+    ("online", "inter_keypoint", "online teacher over the cache (same losses)", None),
+    ("self_assessment", "inter_keypoint", "self-assessment over TiG-BEV", None),
+)
+"""(row, reference row, reading, published (mAP, NDS) points or None): the comparisons METHOD.md section 6 reports,
+and two the paper does not."""
 
 _METRICS = ("mAP", "NDS", "mATE", "mAOE")
 _DEMO_STUDENTS = {"depth": "baseline", "inter_keypoint": "tig"}
@@ -106,10 +116,33 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
                      "per_seed": dict(zip(map(str, cfg.seeds), per_seed)), "published": PUBLISHED.get(row.key, "")})
     result = {"seeds": list(cfg.seeds), "student_epochs": cfg.student_epochs, "rows": rows,
               "stages": world.stages}
+    result["headlines"] = headline_deltas(result)
     write_json_atomic(cfg.out_dir / "ablation.json", result)
     (cfg.out_dir / "ablation.md").write_text(ablation_table(result))
     plot_ablation(cfg.out_dir / "ablation.png", result)
     return result
+
+
+def headline_deltas(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The :data:`HEADLINES` whose two rows were both trained: mAP and NDS differences in points (x 100), paired by
+    seed (mean of the per-seed differences and half their range), beside the published difference."""
+    by_key = {r["key"]: r for r in result["rows"]}
+    out = []
+    for key, ref, reading, published in HEADLINES:
+        if key not in by_key or ref not in by_key:
+            continue
+        seeds = [s for s in by_key[key]["per_seed"] if s in by_key[ref]["per_seed"]]
+        if not seeds:
+            continue
+        pub = None if published is None else dict(zip(("mAP", "NDS"), published))
+        entry: dict[str, Any] = {"row": key, "reference": ref, "reading": reading, "seeds": seeds,
+                                 "published_points": pub}
+        for metric in ("mAP", "NDS"):
+            diffs = [100.0 * (by_key[key]["per_seed"][s][metric] - by_key[ref]["per_seed"][s][metric]) for s in seeds]
+            entry[metric] = {"mean_points": statistics.fmean(diffs), "half_range_points": (max(diffs) - min(diffs)) / 2,
+                             "per_seed_points": dict(zip(seeds, diffs))}
+        out.append(entry)
+    return out
 
 
 def ablation_table(result: dict[str, Any]) -> str:
@@ -121,6 +154,17 @@ def ablation_table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['mean']['step_s']:.2f} | {r['published']} |")
     note = (f"\nMean over {seeds} seed(s) (± half the range), {result['student_epochs']} epochs each, synth_val, "
             "official nuScenes metrics; TP errors are in metres / radians (lower is better).\n")
+    heads = result.get("headlines") or headline_deltas(result)
+    if heads:
+        note += ("\n| comparison | ΔmAP (points) | ΔNDS (points) | published ΔmAP / ΔNDS (nuScenes val) |\n"
+                 "|---|---|---|---|\n")
+        for h in heads:
+            cells = [f"{h[m]['mean_points']:+.1f}" + (f" ± {h[m]['half_range_points']:.1f}" if len(h["seeds"]) > 1
+                                                       else "") for m in ("mAP", "NDS")]
+            pub = h["published_points"]
+            note += (f"| {h['reading']} | {cells[0]} | {cells[1]} | "
+                     + ("" if pub is None else f"{pub['mAP']:+.1f} / {pub['NDS']:+.1f}") + " |\n")
+        note += "\nDifferences are paired by seed (mean of the per-seed differences, ± half their range).\n"
     return head + "\n".join(lines) + "\n" + note
 
 
