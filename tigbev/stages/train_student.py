@@ -12,7 +12,6 @@ optimiser state), ``metrics.jsonl``, ``loss_curve.png``, and with a val split ``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -38,8 +37,8 @@ from tigbev.models.bev_sampling import sample_bev
 from tigbev.models.losses import DenseDepthLoss, DenseFeatureMSE, InnerDepthLoss, InnerFeatureDistillation
 from tigbev.models.self_assessment import SelfAssessmentDistill
 from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
-from tigbev.pipeline.plots import plot_loss_curves
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+from tigbev.pipeline.training_log import TrainingLog
 
 __all__ = ["DistillationModel", "StepTimes", "TrainStudentResult", "run", "training_step"]
 
@@ -311,15 +310,11 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    log_path = out / "metrics.jsonl"
-    history: dict[str, list[float]] = {}
-    history_steps: list[int] = []
     step_times: list[float] = []
     last: dict[str, float] = {}
     th, tw = (teacher_grid.shape_hw if teacher_grid is not None else (0, 0))
     model.train()
-    log = log_path.open("a") if rank == 0 else None
-    try:
+    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, enabled=rank == 0) as log:
         for epoch in range(epoch0, cfg.epochs):
             if step >= total_steps:
                 break
@@ -348,16 +343,12 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
                 step_times.append(time.perf_counter() - t0)
                 last = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
                 bar.set_postfix(loss=f"{last['total']:.3f}")
-                if log is not None and (step % _LOG_EVERY == 0 or step == total_steps):
-                    log.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, **last,
-                                          "lr": scheduler.get_last_lr()[0], "step_s": step_times[-1]}) + "\n")
-                    log.flush()
-                    history_steps.append(step)
-                    for k, v in last.items():
-                        history.setdefault(k, []).append(v)
+                log.step(step, epoch, last, last=step == total_steps, lr=scheduler.get_last_lr()[0],
+                         step_s=step_times[-1])
                 if step >= total_steps:
                     finished_epoch = step % steps_per_epoch == 0
                     break
+            log.end_epoch(epoch, step)
             if rank == 0:
                 torch.save({
                     "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "student_config": scfg.to_dict(),
@@ -369,13 +360,9 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
                     "scheduler": scheduler.state_dict(),
                 }, out / ".last.pt.tmp")
                 (out / ".last.pt.tmp").replace(ckpt_path)
-    finally:
-        if log is not None:
-            log.close()
     metrics = None
+    log.plot(out / "loss_curve.png", f"camera student ({cfg.preset})")
     if rank == 0:
-        if history_steps:
-            plot_loss_curves(out / "loss_curve.png", history_steps, history, f"camera student ({cfg.preset})")
         if cfg.val_split is not None:
             from tigbev.stages.evaluate import predict_student, score
 

@@ -7,7 +7,6 @@ Run directory: ``config.json`` (resolved), ``last.pt`` (weights + config + prove
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.errors import TigbevError
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
-from tigbev.stages.evaluate import predict_teacher, score
-from tigbev.pipeline.plots import plot_loss_curves
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+from tigbev.pipeline.training_log import TrainingLog
+from tigbev.stages.evaluate import predict_teacher, score
 
 __all__ = ["TrainTeacherResult", "run"]
 
@@ -78,19 +77,9 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch0, step = ckpt["epoch"], ckpt["step"]
 
-    log_path = out / "metrics.jsonl"
-    history: dict[str, list[float]] = {"total": [], "heatmap": [], "bbox": []}
-    history_steps: list[int] = []
-    if log_path.exists():  # a resumed run keeps its curve
-        for line in log_path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("kind") == "step":
-                history_steps.append(rec["step"])
-                for k in history:
-                    history[k].append(rec[k])
     last_loss = float("nan")
     model.train()
-    with log_path.open("a") as log:
+    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY) as log:
         for epoch in range(epoch0, cfg.epochs):
             if step >= total_steps:
                 break
@@ -99,8 +88,6 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                                 num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
                                 persistent_workers=False)
             bar = tqdm(loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress)
-            sums = {k: 0.0 for k in history}
-            n = 0
             for batch in bar:
                 batch = batch.to(device)
                 # forward -> named losses -> weighted sum -> stop on non-finite -> backward -> clip -> step
@@ -118,31 +105,19 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                 scheduler.step()
                 step += 1
                 last_loss = float(loss.detach())
-                values = {"total": last_loss, **{k: float(v.detach()) for k, v in losses.items()}}
-                for k, v in values.items():
-                    sums[k] += v
-                n += 1
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-                if step % _LOG_EVERY == 0 or step == total_steps:
-                    log.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, **values,
-                                          "lr": scheduler.get_last_lr()[0]}) + "\n")
-                    log.flush()
-                    history_steps.append(step)
-                    for k, v in values.items():
-                        history[k].append(v)
+                log.step(step, epoch, {"total": last_loss, **{k: float(v.detach()) for k, v in losses.items()}},
+                         last=step == total_steps, lr=scheduler.get_last_lr()[0])
                 if step >= total_steps:
                     break
-            log.write(json.dumps({"kind": "epoch", "epoch": epoch, "step": step,
-                                  **{k: v / max(n, 1) for k, v in sums.items()}}) + "\n")
-            log.flush()
+            log.end_epoch(epoch, step)
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "teacher_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
                 "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)),
                 "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
             })
-    if history_steps:
-        plot_loss_curves(out / "loss_curve.png", history_steps, history, f"CenterPoint teacher ({cfg.preset})")
+    log.plot(out / "loss_curve.png", f"CenterPoint teacher ({cfg.preset})")
     metrics = None
     if cfg.val_split is not None:
         model.eval()

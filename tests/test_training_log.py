@@ -1,0 +1,57 @@
+"""TrainingLog: metrics.jsonl records, epoch means, and a loss curve that survives a resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tigbev.pipeline.training_log import TrainingLog
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_steps_every_n_and_the_last_epoch_means(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with TrainingLog(path, every=2) as log:
+        for step in (1, 2, 3):
+            log.step(step, 0, {"total": float(step), "det": 10.0 * step}, last=step == 3, lr=0.1)
+        log.end_epoch(0, 3)
+        log.end_epoch(1, 3)  # an epoch without steps writes nothing
+    recs = _records(path)
+    assert [(r["kind"], r["step"]) for r in recs] == [("step", 2), ("step", 3), ("epoch", 3)]
+    assert recs[0] == {"kind": "step", "step": 2, "epoch": 0, "total": 2.0, "det": 20.0, "lr": 0.1}
+    assert recs[2]["total"] == pytest.approx(2.0) and recs[2]["det"] == pytest.approx(20.0)  # means of 1, 2, 3
+    assert log.steps == [2, 3] and log.history == {"total": [2.0, 3.0], "det": [20.0, 30.0]}
+
+
+def test_a_resumed_log_keeps_the_earlier_curve(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with TrainingLog(path, every=1) as log:
+        log.step(1, 0, {"total": 4.0}, lr=0.1, step_s=0.5)
+        log.end_epoch(0, 1)
+    with TrainingLog(path, every=1) as resumed:
+        assert resumed.steps == [1] and resumed.history == {"total": [4.0]}  # lr / step_s are not losses
+        resumed.step(2, 1, {"total": 3.0})
+    assert resumed.steps == [1, 2] and resumed.history["total"] == [4.0, 3.0]
+    assert len(_records(path)) == 3  # appended, nothing lost
+    png = resumed.plot(tmp_path / "curve.png", "test")
+    assert png is not None and png.stat().st_size > 0
+
+
+def test_disabled_log_writes_nothing_and_bad_input_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with TrainingLog(path, every=1, enabled=False) as log:
+        log.step(1, 0, {"total": 1.0}, last=True)
+        log.end_epoch(0, 1)
+    assert not path.exists() and log.plot(tmp_path / "c.png", "t") is None
+    path.write_text('{"kind": "step", "step": 1, "total": 1.0}\n{"kind": "st')  # cut short by a killed run
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
+        TrainingLog(path, every=1)
+    with pytest.raises(ValueError, match="every"):
+        TrainingLog(tmp_path / "x.jsonl", every=0)
+    with pytest.raises(RuntimeError, match="with"):
+        TrainingLog(tmp_path / "y.jsonl", every=1).step(1, 0, {"total": 1.0})

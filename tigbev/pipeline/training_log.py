@@ -1,0 +1,94 @@
+"""``metrics.jsonl`` of a training run (teacher or student), and the loss curve drawn from it.
+
+One JSON object per line: ``{"kind": "step", "step", "epoch", <named losses>, "lr", ...}`` every ``every`` optimiser
+steps and at the last one, and ``{"kind": "epoch", "epoch", "step", <mean of every named loss over the epoch>}`` at
+the end of each epoch. A resumed run appends to the same file and reads the step records already there back, so
+its loss curve covers the whole run, not only the part after the resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from tigbev.pipeline.plots import plot_loss_curves
+
+__all__ = ["TrainingLog"]
+
+_NOT_LOSSES = frozenset({"kind", "step", "epoch", "lr", "step_s"})
+"""Keys of a step record that are not named losses (left out of the curve)."""
+
+
+class TrainingLog:
+    """Append-only training log; ``enabled=False`` (e.g. DDP ranks other than 0) writes and keeps nothing.
+
+    Use as a context manager around the training loop: :meth:`step` after each optimiser step, :meth:`end_epoch`
+    after each epoch, :meth:`plot` at the end.
+    """
+
+    def __init__(self, path: Path, *, every: int, enabled: bool = True):
+        if every < 1:
+            raise ValueError(f"TrainingLog.every must be >= 1, got {every}")
+        self.path, self.every, self.enabled = Path(path), every, enabled
+        self.steps: list[int] = []
+        self.history: dict[str, list[float]] = {}
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._file: IO[str] | None = None
+        if enabled and self.path.exists():
+            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:  # e.g. a line cut short by a killed run
+                    raise ValueError(f"{self.path}:{number}: not a JSON line ({exc.msg}); move the file away to "
+                                     "start a fresh log") from None
+                if rec.get("kind") == "step":
+                    self._remember(rec["step"], {k: v for k, v in rec.items() if k not in _NOT_LOSSES})
+
+    def __enter__(self) -> TrainingLog:
+        if self.enabled:
+            self._file = self.path.open("a")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _remember(self, step: int, losses: dict[str, float]) -> None:
+        self.steps.append(step)
+        for k, v in losses.items():
+            self.history.setdefault(k, []).append(v)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            raise RuntimeError("TrainingLog is written inside its `with` block")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def step(self, step: int, epoch: int, losses: dict[str, float], *, last: bool = False, **extra: float) -> None:
+        """Record one optimiser step's named losses; written every ``every`` steps and when ``last``."""
+        if not self.enabled:
+            return
+        for k, v in losses.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+        if step % self.every == 0 or last:
+            self._write({"kind": "step", "step": step, "epoch": epoch, **losses, **extra})
+            self._remember(step, losses)
+
+    def end_epoch(self, epoch: int, step: int) -> None:
+        """Write the epoch's mean of every named loss (nothing for an epoch without steps)."""
+        if self.enabled and self._count:
+            self._write({"kind": "epoch", "epoch": epoch, "step": step,
+                         **{k: v / self._count for k, v in self._sums.items()}})
+        self._sums, self._count = {}, 0
+
+    def plot(self, path: Path, title: str) -> Path | None:
+        """The loss curves of every step record (this run's and, after a resume, the earlier ones)."""
+        if not self.enabled or not self.steps:
+            return None
+        return plot_loss_curves(path, self.steps, self.history, title)
