@@ -1,0 +1,129 @@
+"""``run``: every section of the bench in order, and the report written."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tigbev.stages.bench.config import MODES, STORAGE_OPTIONS, BenchConfig, BenchResult, cycle, median
+from tigbev.stages.bench.extraction import bench_extraction, bench_storage
+from tigbev.stages.bench.growth import camera_loader_rate, train_epoch
+from tigbev.stages.bench.loader import bench_loader
+from tigbev.stages.bench.report import evaluate_goals, finite_json, markdown_tables, plot_report
+from tigbev.stages.bench.steps import ModeSpec, bench_steps
+from tigbev.stages.bench.world import extract, prepare_data, prepare_teacher
+
+__all__ = ["run"]
+
+
+def run(cfg: BenchConfig) -> BenchResult:
+    """Run every section and write bench.json, bench.md and bench.png to ``cfg.out_dir``."""
+    import torch
+    from tqdm import tqdm
+
+    from tigbev.data.nuscenes_reader import NuScenesReader
+    from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+
+    res = cfg.resolved()
+    out = cfg.out_dir
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    n_base = res["samples"]
+    need = max(n_base * max(res["growth"]), res["rate_samples"])
+    dataroot, split, data_desc = prepare_data(cfg, work, need)
+    ckpt, teacher_desc = prepare_teacher(cfg, work)
+    split_tokens = NuScenesReader(dataroot).sample_tokens(split)
+    repeated = len(split_tokens) < need
+    base = cycle(split_tokens, n_base)
+    grid = res["keypoint_grid"]
+    desc = (f"{data_desc['source']}, split {split} ({len(split_tokens)} samples"
+            + (", tokens repeated to reach the sizes below)" if repeated else ")"))
+    report: dict[str, Any] = {
+        "preset": cfg.preset, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads",
+        "peak_memory_method": "torch.cuda.max_memory_allocated per mode" if device.type == "cuda"
+        else "peak RSS of each mode's own process (getrusage ru_maxrss)",
+        "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in res.items()},
+                   "dataroot": str(dataroot)},
+        "dataset": {**data_desc, "split": split, "split_samples": len(split_tokens), "tokens_repeated": repeated,
+                    "description": desc},
+        "teacher": teacher_desc,
+        "provenance": provenance(),
+    }
+    sections = 3 + res["repeats"] + len(STORAGE_OPTIONS) + 2 * len(res["growth"])
+    bar = tqdm(total=sections, desc=f"bench {cfg.preset}", unit="part", disable=not cfg.progress)
+
+    # The cache every later section reads (foreground float16: the default storage).
+    cache_url = str(work / "cache-1x")
+    extract(ckpt, dataroot, split, base, Path(cache_url), keypoint_grid=grid, device=cfg.device)
+    bar.update(1)
+
+    # 1. Training step per mode.
+    common: dict[str, Any] = {"preset": cfg.preset, "dataroot": str(dataroot), "split": split,
+                              "tokens": tuple(base), "teacher_checkpoint": str(ckpt), "keypoint_grid": grid,
+                              "device": cfg.device, "seed": cfg.seed, "batches": min(n_base, res["steps"] + 1)}
+    specs = {m: ModeSpec(mode=m, cache=cache_url if m == "cache" else None, **common) for m in MODES}
+    report["step"] = bench_steps(specs, repeats=res["repeats"], steps=res["steps"], progress=False)
+    bar.update(1)
+
+    # 3. Extraction vs forward-only (interleaved per repeat).
+    rate_tokens = cycle(split_tokens, res["rate_samples"])
+    report["extraction"] = bench_extraction(ckpt, dataroot, split, rate_tokens, work, repeats=res["repeats"],
+                                            keypoint_grid=grid, device=cfg.device, bar=bar)
+
+    # 4. Storage options and their fidelity.
+    report["storage"] = bench_storage(ckpt, dataroot, split, base, work, preset=cfg.preset, keypoint_grid=grid,
+                                      device=cfg.device, seed=cfg.seed, bar=bar)
+
+    # 5. Growth (and the loader wait fraction from its training epochs).
+    growth: dict[str, Any] = {"factors": list(res["growth"]), "samples": [], "extraction_s": [],
+                              "extraction_loop_s": [], "training_s": [], "training": []}
+    for f in res["growth"]:
+        toks = cycle(split_tokens, n_base * f)
+        url = work / f"growth-{f}x"
+        r = extract(ckpt, dataroot, split, toks, url, keypoint_grid=grid, device=cfg.device)
+        bar.update(1)
+        t = train_epoch(cfg.preset, dataroot, split, toks, str(url), keypoint_grid=grid, device=cfg.device,
+                        seed=cfg.seed)
+        bar.update(1)
+        growth["samples"].append(len(toks))
+        growth["extraction_s"].append(r.seconds)
+        growth["extraction_loop_s"].append(r.loop_seconds)
+        growth["training_s"].append(t["seconds"])
+        growth["training"].append(t)
+        if f != max(res["growth"]):
+            shutil.rmtree(url, ignore_errors=True)
+    big = str(work / f"growth-{max(res['growth'])}x")
+    big_tokens = cycle(split_tokens, n_base * max(res["growth"]))
+    n_items = max(8, len(big_tokens))
+    growth["camera_loader_samples_per_s"] = {
+        str(w): median([camera_loader_rate(cfg.preset, dataroot, split, big_tokens, big, w, n_items)
+                         for _ in range(max(1, res["repeats"] - 1))]) for w in res["loader_workers"]}
+    per_sample = [s / n for s, n in zip(growth["training_s"], growth["samples"])]
+    growth["training_per_sample_over_1x"] = [p / per_sample[0] for p in per_sample]
+    per_sample_x = [s / n for s, n in zip(growth["extraction_loop_s"], growth["samples"])]
+    growth["extraction_per_sample_over_1x"] = [p / per_sample_x[0] for p in per_sample_x]
+    report["growth"] = growth
+    shutil.rmtree(big, ignore_errors=True)
+
+    # 2. Loader: cache reads vs raw memmap; the wait fraction from the growth training epochs.
+    report["loader"] = bench_loader(cache_url, work, repeats=res["repeats"], workers=res["loader_workers"],
+                                    n_items=max(16, n_base * 4))
+    waits = [t["wait_s"] for t in growth["training"]]
+    computes = [t["compute_s"] for t in growth["training"]]
+    report["loader"]["wait_fraction"] = sum(waits) / max(sum(waits) + sum(computes), 1e-12)
+    report["loader"]["wait_fraction_per_size"] = [t["wait_fraction"] for t in growth["training"]]
+    bar.update(1)
+    bar.close()
+
+    report["goals"] = evaluate_goals(report)
+    json_path = write_json_atomic(out / "bench.json", finite_json(report))
+    md_path = out / "bench.md"
+    md_path.write_text(markdown_tables(report))
+    plot_path = plot_report(report, out / "bench.png")
+    return BenchResult(json_path=json_path, markdown_path=md_path, plot_path=plot_path, report=report)
