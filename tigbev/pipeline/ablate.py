@@ -179,12 +179,18 @@ def plot_ablation(path: Path, result: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.55 * len(rows) + 1.6), sharey=True)
     for ax, metric in zip(axes, ("mAP", "NDS")):
         values = [r["mean"][metric] for r in rows]
-        errs = [r["half_range"][metric] for r in rows]
-        ax.barh(range(len(rows)), values, xerr=errs if len(result["seeds"]) > 1 else None, color="tab:blue",
-                alpha=0.8)
+        lows = [v - min(s[metric] for s in r["per_seed"].values()) for v, r in zip(values, rows)]
+        highs = [max(s[metric] for s in r["per_seed"].values()) - v for v, r in zip(values, rows)]
+        ax.barh(range(len(rows)), values, xerr=[lows, highs] if len(result["seeds"]) > 1 else None,
+                color="tab:blue", alpha=0.8)  # bar: the mean; whiskers: the lowest to the highest seed
+        for i, r in enumerate(rows):  # every seed's value, so the spread behind each mean is visible
+            seed_values = [s[metric] for s in r["per_seed"].values()]
+            ax.plot(seed_values, [i] * len(seed_values), "o", color="black", markersize=3.5, alpha=0.7,
+                    label="one seed" if i == 0 else None)
         ax.set_title(f"{metric} (synth_val, mean of {len(result['seeds'])} seed(s))")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(rows)), labels)
+    axes[1].legend(loc="lower right")
     axes[0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
