@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,13 +16,18 @@ from tigbev.pipeline.ablate import ABLATION_ROWS, AblateConfig, ablation_table, 
 
 def test_rows_add_one_component_at_a_time() -> None:
     names = ("depth", "inner_depth", "inter_channel", "inter_keypoint", "self_assessment")
-    chain = [r for r in ABLATION_ROWS if r.source != "online"]
+    chain = [r for r in ABLATION_ROWS if r.in_chain]
     for prev, row, added in zip(chain, chain[1:], names):
         changed = {k for k, v in vars(row.weights).items() if v != getattr(prev.weights, k)}
         assert changed == {added}, (row.key, changed)
     assert chain[0].weights == LossWeights(depth=0.0, inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0)
     online = next(r for r in ABLATION_ROWS if r.source == "online")
     assert online.weights == LossWeights()  # full TiG-BEV, the published weights
+    side = {r.key: r for r in ABLATION_ROWS if not r.in_chain}
+    assert set(side) == {"online", "keypoint_only"}
+    alone = side["keypoint_only"].weights  # the full set less inner-depth and inter-channel
+    assert (alone.inner_depth, alone.inter_channel) == (0.0, 0.0)
+    assert dataclasses.replace(alone, inner_depth=1.0, inter_channel=10.0) == LossWeights()
     with pytest.raises(ValueError, match="unknown"):
         AblateConfig(out_dir=Path("x"), rows=("nope",))
 

@@ -4,7 +4,8 @@ One world (synthetic data, demo teacher, its cache of synth_train; shared with `
 directory), then the camera student trained with each loss component added in turn, same seed(s) and budget:
 
     baseline (detection only) -> + dense depth -> + inner-depth -> + inter-channel -> + inter-keypoint (= TiG-BEV)
-    -> + self-assessment, and TiG-BEV with the online teacher instead of the cache.
+    -> + self-assessment; and two side rows: TiG-BEV with the online teacher instead of the cache, and inter-keypoint
+    alone on the depth-supervised base (what inner-depth and inter-channel add once inter-keypoint is on).
 
 Every row is evaluated on synth_val with the official metrics; the table (mean and spread over seeds) goes to
 ``ablation.json`` / ``ablation.md`` and a bar chart to ``ablation.png``. Finished rows are reused on rerun.
@@ -32,6 +33,8 @@ class AblationRow:
     label: str
     weights: LossWeights
     source: Literal["none", "cache", "online"]
+    in_chain: bool = True
+    """Part of the chain that adds one component per row; ``False``: a side row (another teacher, or a leave-out)."""
 
 
 _OFF = LossWeights(depth=0.0, inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0, dense_feature=0.0,
@@ -49,7 +52,9 @@ ABLATION_ROWS: tuple[AblationRow, ...] = (
     AblationRow("inter_channel", "+ inter-channel", _CHANNEL, "cache"),
     AblationRow("inter_keypoint", "+ inter-keypoint (TiG-BEV)", _TIG, "cache"),
     AblationRow("self_assessment", "+ self-assessment", _SELF, "cache"),
-    AblationRow("online", "TiG-BEV, online teacher", _TIG, "online"),
+    AblationRow("online", "TiG-BEV, online teacher", _TIG, "online", in_chain=False),
+    AblationRow("keypoint_only", "inter-keypoint alone (+ dense depth)",
+                dataclasses.replace(_DEPTH, inter_keypoint=100.0), "cache", in_chain=False),
 )
 
 PUBLISHED: dict[str, str] = {
@@ -64,6 +69,8 @@ HEADLINES: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = (
     ("inter_keypoint", "baseline", "TiG-BEV over detection only (no depth supervision, as BEVDet)", (10.3, 9.1)),
     ("online", "inter_keypoint", "online teacher over the cache (same losses)", None),
     ("self_assessment", "inter_keypoint", "self-assessment over TiG-BEV", None),
+    ("keypoint_only", "depth", "inter-keypoint alone over its base (+ dense depth)", None),
+    ("inter_keypoint", "keypoint_only", "inner-depth + inter-channel, with inter-keypoint on", None),
 )
 """(row, reference row, reading, published (mAP, NDS) points or None): the comparisons METHOD.md section 6 reports,
 and two the paper does not."""
