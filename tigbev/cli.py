@@ -290,7 +290,6 @@ def ablate(
 ) -> None:
     """The paper's ablation in miniature: each loss component added in turn, same seeds and budget, evaluated."""
     from tigbev.pipeline.ablate import AblateConfig, ablation_table, run
-    from tigbev.pipeline.demo import DemoConfig
 
     if preset != "demo":
         raise _fail(ValueError(
@@ -299,8 +298,9 @@ def ablate(
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         kwargs: dict = {} if rows is None else {"rows": tuple(r.strip() for r in rows.split(",") if r.strip())}
-        result = run(AblateConfig(out_dir=out, seeds=seed_list, teacher_epochs=teacher_epochs,
-                                  student_epochs=student_epochs or DemoConfig.student_epochs, workers=workers,
+        if student_epochs is not None:
+            kwargs["student_epochs"] = student_epochs
+        result = run(AblateConfig(out_dir=out, seeds=seed_list, teacher_epochs=teacher_epochs, workers=workers,
                                   tiny=tiny, **kwargs))
     except (TigbevError, ValueError) as exc:
         raise _fail(exc) from None

@@ -21,19 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tigbev.cache_schema import (
-    FORMAT_VERSION,
-    DatasetFingerprint,
-    FeatureStorage,
-    Manifest,
-    TeacherFingerprint,
-)
-from tigbev.cache_store import (
-    CODECS_DESCRIPTION,
-    CacheWriter,
-    SampleRecord,
-    tokens_sha256,
-)
+from tigbev.cache_schema import FORMAT_VERSION, DatasetFingerprint, FeatureStorage, Manifest, TeacherFingerprint
+from tigbev.cache_store import CODECS_DESCRIPTION, CacheWriter, SampleRecord, tokens_sha256
 from tigbev.config import ExtractTeacherConfig
 from tigbev.data.camera_dataset import depth_points
 from tigbev.data.lidar_dataset import training_boxes

@@ -141,6 +141,7 @@ class _OnlineTeacher:
     def __init__(self, checkpoint: Path, reader: NuScenesReader, device: torch.device):
         from tigbev.models.teacher.checkpoint import load_teacher  # imported only in online mode
         from tigbev.models.teacher.frozen import FrozenTeacher
+
         model, self.cfg, self.ckpt = load_teacher(checkpoint, device)
         self.teacher = FrozenTeacher(model)
         self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.cfg.num_sweeps)
