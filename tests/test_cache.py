@@ -98,7 +98,7 @@ def test_content_matches_the_dataset(reference: Path, synth_root: Path) -> None:
     data = NuScenesReader(synth_root, num_sweeps=3)
     tokens = data.sample_tokens(SPLIT)
     assert reader.tokens == tokens and len(reader) == 3
-    reader.check_compatible(version="v1.0-synth", split=SPLIT, tokens=tokens)
+    reader.check_compatible(data.fingerprint(SPLIT, tokens, num_sweeps=3))
     for i, token in enumerate(tokens):
         frame = data.load_sample(token)
         s = reader.read(i)
@@ -233,10 +233,10 @@ def test_mismatches_are_refused_with_what_differs(reference: Path, synth_root: P
                                                   tmp_path: Path) -> None:
     reader = CacheReader(str(reference))
     data = NuScenesReader(synth_root)
-    with pytest.raises(CacheError, match="split: cache has 'synth_train', expected 'synth_val'"):
-        reader.check_compatible(version="v1.0-synth", split="synth_val", tokens=data.sample_tokens("synth_val"))
+    with pytest.raises(CacheError, match="split: cache has 'synth_train', dataset has 'synth_val'"):
+        reader.check_compatible(data.fingerprint("synth_val", data.sample_tokens("synth_val"), num_sweeps=3))
     with pytest.raises(CacheError, match="grid cell_m"):
-        reader.check_compatible(version="v1.0-synth", split=SPLIT, tokens=data.sample_tokens(SPLIT),
+        reader.check_compatible(data.fingerprint(SPLIT, data.sample_tokens(SPLIT), num_sweeps=3),
                                 grid=BevGrid.square(51.2, 0.8).to_dict())
     # Another format version.
     future = tmp_path / "future"

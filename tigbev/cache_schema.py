@@ -15,6 +15,7 @@ A cache is a zarr v3 group (a local path or an fsspec URL)::
     CACHE/shards/<k:06d>/fg_scale         (S_k, C) float32    int8 only: per-sample, per-channel scale
     CACHE/index/<k:06d>.parquet           one row per sample of shard k (INDEX_COLUMNS)
     CACHE/index.parquet                   all rows, written when the cache is complete
+    CACHE/writers/<writer id>.json        the lease of each running extraction (pid, host, shards, heartbeat)
 
 (The Parquet files sit outside the zarr hierarchy; readers open zarr members by name and never list them.)
 
@@ -22,7 +23,11 @@ Everything is in the **un-augmented key lidar frame** of each sample; BEV maps a
 columns = x on ``manifest.grid`` (docs/COORDINATES.md). Samples are grouped in shards of ``shard_samples``
 consecutive samples; a shard's data is written by exactly one writer, in one go, and its done flags are set only
 after all its data is written, so a killed extraction resumes shard by shard and parallel writers never share a
-chunk. Every chunk carries a crc32c checksum.
+chunk. A writer holds a lease on the shards it writes (``writers/``); a second writer of the same shards is refused
+while the lease is live (its process alive, its heartbeat fresh). Every chunk carries a crc32c checksum, and every
+chunk is stored, even one of fill values; arrays are filled with a value no real sample holds
+(:func:`missing_value`: NaN, -1 for cell indices, -128 for int8 features), so a lost chunk can never read back as
+plausible zeros.
 
 Foreground mode stores, instead of the dense map, every cell that bilinear sampling at any keypoint touches (plus
 the cells under each enlarged box), so keypoint features read back from the cache equal those sampled from the
@@ -31,7 +36,9 @@ dense map. int8 quantises each channel symmetrically with a per-sample scale (ma
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, Literal
 
@@ -44,13 +51,18 @@ __all__ = [
     "CacheFormatError",
     "DatasetFingerprint",
     "FeatureStorage",
+    "LEASE_DIR",
     "Manifest",
     "TeacherFingerprint",
+    "missing_value",
+    "shard_arrays",
     "shard_index_path",
     "shard_path",
+    "tokens_sha256",
 ]
 
-FORMAT_VERSION: Final[int] = 1
+FORMAT_VERSION: Final[int] = 2
+"""2: NaN / -1 / -128 fill values with every chunk stored, writer leases, content-based dataset fingerprint."""
 CACHE_ATTR: Final[str] = "tigbev_cache"
 BOX_COLUMNS: Final[tuple[str, ...]] = ("x_m", "y_m", "z_m", "l_m", "w_m", "h_m", "yaw_rad", "vx_mps", "vy_mps",
                                         "label")
@@ -72,6 +84,7 @@ INDEX_COLUMNS: Final[dict[str, str]] = {
     "fg_scale_row": "int64",
 }
 RAGGED_ARRAYS: Final[tuple[str, ...]] = ("boxes", "keypoints", "depth", "fg_cells", "fg_features", "fg_scale")
+LEASE_DIR: Final[str] = "writers"
 
 FeatureMode = Literal["dense", "foreground"]
 FeatureDtype = Literal["float16", "int8"]
@@ -87,6 +100,35 @@ def shard_path(shard: int) -> str:
 
 def shard_index_path(shard: int) -> str:
     return f"index/{shard:06d}.parquet"
+
+
+def tokens_sha256(tokens: Sequence[str]) -> str:
+    """sha256 of the ordered sample tokens (one per line)."""
+    return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
+
+
+def shard_arrays(features: FeatureStorage) -> tuple[str, ...]:
+    """The ragged arrays every finished shard holds, for this feature storage."""
+    names = ["boxes", "keypoints", "depth"]
+    if features.mode == "foreground":
+        names += ["fg_cells", "fg_features"] + (["fg_scale"] if features.dtype == "int8" else [])
+    return tuple(names)
+
+
+def missing_value(dtype: str) -> float | int:
+    """The fill value of an array of ``dtype``: one that no written sample holds, so a read that returns it has hit
+    a chunk that is not there. Floats: NaN; int32 (cell indices, >= 0): -1; int8 (quantised to [-127, 127]): -128;
+    uint8 (done flags): 0, i.e. "not done"."""
+    match dtype:
+        case "float16" | "float32":
+            return float("nan")
+        case "int32":
+            return -1
+        case "int8":
+            return -128
+        case "uint8":
+            return 0
+    raise CacheFormatError(f"no fill value defined for dtype {dtype!r}")
 
 
 def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
@@ -112,21 +154,47 @@ class TeacherFingerprint:
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetFingerprint:
-    """Which samples the cache holds: version, split, and the ordered sample tokens (hashed, and counted)."""
+    """What the cache was computed from: version, split, the ordered sample tokens, the content of the table records
+    that shape each sample's cached data, and the image sizes.
+
+    ``records_sha256`` maps a table name (sample, sample_data, calibrated_sensor, ego_pose, sample_annotation) to the
+    sha256 of the records the samples use, in sample order (tigbev.data.nuscenes_reader.NuScenesReader.fingerprint);
+    ``image_sizes`` maps each camera channel to its distinct image sizes ("WxH"). Two fingerprints are equal only
+    when a re-extraction would compute the same cache from the same teacher.
+    """
 
     version: str
     split: str
     num_samples: int
     tokens_sha256: str
+    records_sha256: dict[str, str]
+    image_sizes: dict[str, list[str]]
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> DatasetFingerprint:
         _check_keys(cls, d, "dataset")
-        return cls(**d)
+        return cls(**{**d, "records_sha256": dict(d["records_sha256"]),
+                      "image_sizes": {k: list(v) for k, v in d["image_sizes"].items()}})
 
     def differences(self, other: DatasetFingerprint) -> list[str]:
-        return [f"{f.name}: cache has {getattr(self, f.name)!r}, expected {getattr(other, f.name)!r}"
-                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        """What differs, ``self`` being the cache's and ``other`` the dataset's, one phrase per field."""
+        out = []
+        for name in ("version", "split", "num_samples", "tokens_sha256"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                out.append(f"{name}: cache has {a!r}, dataset has {b!r}")
+        sizes = [f"{ch} cache {', '.join(self.image_sizes.get(ch, ['none']))} vs dataset "
+                 f"{', '.join(other.image_sizes.get(ch, ['none']))}"
+                 for ch in sorted(set(self.image_sizes) | set(other.image_sizes))
+                 if self.image_sizes.get(ch) != other.image_sizes.get(ch)]
+        if sizes:
+            out.append("image sizes (px): " + "; ".join(sizes))
+        tables = sorted(t for t in set(self.records_sha256) | set(other.records_sha256)
+                        if self.records_sha256.get(t) != other.records_sha256.get(t))
+        if tables:
+            out.append(f"content of the {', '.join(tables)} records differs (the dataroot changed since extraction, "
+                       "or it is another dataset)")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +242,23 @@ class Manifest:
     provenance: dict[str, Any]
     complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def row_spec(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape of one row, dtype) of array ``name``: what writer, reader and verify agree on."""
+        c = self.features.channels
+        k = int(self.keypoints["grid_size"]) ** 2
+        g = self.grid
+        nx = round((g["x_max_m"] - g["x_min_m"]) / g["cell_m"])
+        ny = round((g["y_max_m"] - g["y_min_m"]) / g["cell_m"])
+        specs: dict[str, tuple[tuple[int, ...], str]] = {
+            "boxes": ((len(BOX_COLUMNS),), "float32"), "keypoints": ((k, 2), "float32"),
+            "depth": ((len(DEPTH_COLUMNS),), "float32"), "fg_cells": ((), "int32"),
+            "fg_features": ((c,), self.features.dtype), "fg_scale": ((c,), "float32"), "bev": ((c, ny, nx), "float16"),
+            "done": ((), "uint8"),
+        }
+        if name not in specs:
+            raise CacheFormatError(f"no array {name!r} in a tigbev cache")
+        return specs[name]
 
     @property
     def num_shards(self) -> int:

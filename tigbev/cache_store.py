@@ -6,8 +6,8 @@ checksum errors turned into errors that name the sample and the array.
 
 from __future__ import annotations
 
-import hashlib
 import io
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,29 +17,28 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from tigbev.cache_lease import LeaseConflict, WriterLease
 from tigbev.cache_schema import (
     CACHE_ATTR,
     INDEX_COLUMNS,
     CacheFormatError,
     DatasetFingerprint,
     Manifest,
+    missing_value,
     shard_index_path,
     shard_path,
+    tokens_sha256,
 )
 from tigbev.errors import TigbevError
 
-__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "read_parquet_rows",
-           "tokens_sha256"]
+__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "open_array",
+           "read_parquet_rows", "shard_files", "tokens_sha256"]
 
 _RAGGED_CHUNK_BYTES = 256 * 1024  # inner chunk size of ragged arrays: a sample reads a few chunks, not a shard
 
 
 class CacheError(TigbevError):
     """A cache that is missing, incomplete, corrupt, or does not match what is asked of it."""
-
-
-def tokens_sha256(tokens: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
 
 
 def _codecs(kind: str) -> list[Any]:
@@ -54,20 +53,68 @@ CODECS_DESCRIPTION = {"compressor": "blosc(zstd, clevel 5, byte shuffle; bit shu
                       "zarr_format": 3, "ragged_inner_chunk_bytes": _RAGGED_CHUNK_BYTES}
 
 
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
 def _open_store(url: str, mode: str):
-    """A zarr store for a local path or an fsspec URL (s3://, gs://, memory://, ...)."""
+    """A zarr store for a local path or an fsspec URL (s3://, gs://, memory://, ...), opened in this process.
+
+    Call it in the process that reads: fsspec gives each process its own filesystem instance (its instance cache
+    is per pid), so a store opened in a DataLoader worker never uses the parent's event loop.
+    """
     import zarr
 
-    if "://" in url and not url.startswith("file://"):
-        return zarr.storage.FsspecStore.from_url(url, read_only=mode == "r")
+    if _is_remote(url):
+        with remote_errors(url):
+            return zarr.storage.FsspecStore.from_url(url, read_only=mode == "r")
     path = url.removeprefix("file://")
     return zarr.storage.LocalStore(path, read_only=mode == "r")
 
 
 def fs_and_path(url: str):
+    """(fsspec filesystem, path) of a URL or local path (fsspec keeps one instance per process)."""
     import fsspec
 
     return fsspec.core.url_to_fs(url)
+
+
+_CONNECTION_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                      "ConnectionClosedError", "NoCredentialsError", "ServerDisconnectedError", "gaierror")
+
+
+def _connection_cause(exc: BaseException) -> BaseException | None:
+    """The first error in ``exc``'s chain that says the store could not be reached, if any."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _CONNECTION_ERRORS:
+            return e
+        stack += [c for c in (e.__cause__, e.__context__) if c is not None]
+        stack += list(getattr(e, "exceptions", ()))
+    return None
+
+
+class remote_errors:  # noqa: N801 - used as a context manager, like contextlib's
+    """Turns a failure to reach a remote store into ``CacheError("cannot reach <url>: <cause>")``."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, CacheError) or not _is_remote(self.url):
+            return False
+        cause = _connection_cause(exc)
+        if cause is not None:
+            raise CacheError(f"cannot reach {self.url}: {type(cause).__name__}: {cause}") from exc
+        return False
 
 
 def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
@@ -78,24 +125,26 @@ def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
     types = {"int64": pa.int64(), "string": pa.string(), "list<int64>": pa.list_(pa.int64())}
     schema = pa.schema([(name, types[t]) for name, t in INDEX_COLUMNS.items()])
     table = pa.Table.from_pylist(rows, schema=schema)
-    fs, path = fs_and_path(url)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    tmp = path + ".tmp"
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, path)
+    with remote_errors(url):
+        fs, path = fs_and_path(url)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        fs.mv(tmp, path)
 
 
 def read_parquet_rows(url: str) -> dict[str, list[Any]]:
     import pyarrow.parquet as pq
 
-    fs, path = fs_and_path(url)
-    if not fs.exists(path):
-        raise CacheError(f"cache index {url} is missing")
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pydict()
+    with remote_errors(url):
+        fs, path = fs_and_path(url)
+        if not fs.exists(path):
+            raise CacheError(f"cache index {url} is missing")
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f).to_pydict()
 
 
 @dataclass
@@ -139,32 +188,77 @@ def _ragged_chunk_rows(row_shape: tuple[int, ...], dtype: np.dtype) -> int:
     return max(1, _RAGGED_CHUNK_BYTES // row_bytes)
 
 
+def _array_kwargs(dtype: str) -> dict[str, Any]:
+    """Fill value no sample holds, every chunk stored (even one of fill values), codecs with checksum."""
+    return {"fill_value": missing_value(dtype), "config": {"write_empty_chunks": True}, "compressors": _codecs(dtype)}
+
+
+def shard_files(arr: Any, rows: range) -> list[str]:
+    """Store keys (relative to the array) of the zarr shard files that hold ``rows`` of a row-sharded array."""
+    if len(rows) == 0:
+        return []
+    per_file = (arr.shards or arr.chunks)[0]
+    tail = (0,) * (arr.ndim - 1)
+    return [arr.metadata.encode_chunk_key((i, *tail)) for i in range(rows.start // per_file,
+                                                                       (rows.stop - 1) // per_file + 1)]
+
+
+def open_array(group: Any, path: str) -> Any | None:
+    """The zarr array at ``path`` of ``group``, or None when its metadata (``zarr.json``) is missing."""
+    import zarr
+
+    try:
+        node = group[path]
+    except (KeyError, FileNotFoundError, zarr.errors.NodeNotFoundError):
+        return None
+    return node if isinstance(node, zarr.Array) else None
+
+
 class CacheWriter:
-    """Creates a cache (or opens an existing one with the same manifest) and writes whole sample shards."""
+    """Creates a cache (or opens an existing one with the same manifest) and writes whole sample shards.
+
+    ``url`` must be new, an empty directory, or a cache of the same manifest (to resume it); anything else is
+    refused before anything is written. Writing needs a :meth:`lease` on the shards (one writer per shard).
+    """
 
     def __init__(self, url: str, manifest: Manifest):
         import zarr
 
         self.url = url.rstrip("/")
         self.manifest = manifest
-        store = _open_store(self.url, "w")
-        try:
-            group = zarr.open_group(store=store, mode="r+")
-            existing = Manifest.parse(group.attrs.get(CACHE_ATTR))
-        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-            group, existing = None, None
-        if existing is not None:
-            problems = _resume_mismatches(existing, manifest)
-            if problems:
-                raise CacheError(f"{self.url} holds a different cache ({'; '.join(problems)}); choose another output "
-                                 f"or delete it")
-            self.manifest = existing
-            self.group = group
-        else:
-            self.group = zarr.open_group(store=store, mode="a", zarr_format=3)
-            self._create_fixed_arrays()
-            self.group.attrs[CACHE_ATTR] = manifest.to_dict()
+        with remote_errors(self.url):
+            self.fs, self.root = fs_and_path(self.url)
+            _check_output(self.fs, self.root, self.url)
+            store = _open_store(self.url, "w")
+            try:
+                group = zarr.open_group(store=store, mode="r+")
+                existing = Manifest.parse(group.attrs.get(CACHE_ATTR))
+            except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+                group, existing = None, None
+            except CacheFormatError as exc:
+                raise CacheError(f"{self.url} holds a zarr group that is not a cache of this tigbev ({exc}); choose "
+                                 "another output") from None
+            if existing is not None:
+                problems = _resume_mismatches(existing, manifest)
+                if problems:
+                    raise CacheError(f"{self.url} holds a different cache ({'; '.join(problems)}); choose another "
+                                     "output or delete it")
+                self.manifest = existing
+                self.group = group
+            else:
+                self.group = zarr.open_group(store=store, mode="a", zarr_format=3)
+                self._create_fixed_arrays()
+                self.group.attrs[CACHE_ATTR] = manifest.to_dict()
         self._lock = threading.Lock()
+
+    def lease(self, shards: Sequence[int]) -> WriterLease:
+        """This writer's lease on ``shards`` (a context manager); raises CacheError naming a live other writer."""
+        lease = WriterLease(self.fs, self.root, self.url, shards)
+        try:
+            with remote_errors(self.url):
+                return lease.acquire()
+        except LeaseConflict as exc:
+            raise CacheError(str(exc)) from None
 
     def _create_fixed_arrays(self) -> None:
         m = self.manifest
@@ -175,28 +269,44 @@ class CacheWriter:
         # Several parts may start at once: whoever creates an array first wins, the others reuse it. Never
         # overwrite here, or a late starter would wipe the done flags of an early one.
         specs: list[tuple[str, dict[str, Any]]] = [
-            ("done", {"shape": (n,), "chunks": (s,), "dtype": "uint8", "compressors": [Crc32cCodec()]})]
+            ("done", {"shape": (n,), "chunks": (s,), "dtype": "uint8", "compressors": [Crc32cCodec()],
+                      "fill_value": missing_value("uint8")})]
         if m.features.mode == "dense":
             nx = round((m.grid["x_max_m"] - m.grid["x_min_m"]) / m.grid["cell_m"])
             ny = round((m.grid["y_max_m"] - m.grid["y_min_m"]) / m.grid["cell_m"])
             c = m.features.channels
             specs.append(("bev", {"shape": (n, c, ny, nx), "chunks": (1, c, ny, nx), "shards": (s, c, ny, nx),
-                                  "dtype": "float16", "compressors": _codecs("float16")}))
+                                  "dtype": "float16", **_array_kwargs("float16")}))
         for name, spec in specs:
             try:
-                self.group.create_array(name, fill_value=0, overwrite=False, **spec)
+                self.group.create_array(name, overwrite=False, **spec)
             except zarr.errors.ContainsArrayError:
                 pass
 
     def done_flags(self) -> NDArray[np.bool_]:
-        return np.asarray(self.group["done"][:]).astype(bool)
+        with remote_errors(self.url):
+            return np.asarray(self.group["done"][:]).astype(bool)
 
     def write_shard(self, shard: int, records: Sequence[SampleRecord]) -> None:
-        """Write one whole shard: ragged arrays, dense rows, the shard's index; then (only then) its done flags."""
+        """Write one whole shard: ragged arrays, dense rows, the shard's index; then (only then) its done flags.
+
+        A shard already marked done is never rewritten (it may be another writer's finished work).
+        """
         m = self.manifest
         expected = list(m.shard_range(shard))
         if [r.sample_idx for r in records] != expected:
             raise CacheError(f"shard {shard} must hold samples {expected[0]}..{expected[-1]} in order")
+        if self.done_flags()[expected[0]:expected[-1] + 1].all():
+            raise CacheError(f"{self.url}: shard {shard} is already complete; it is not written again")
+        try:
+            with remote_errors(self.url):
+                self._write_shard(shard, records, expected)
+        except OSError as exc:  # e.g. the disk is full: what is done stays done, the rest resumes
+            raise CacheError(f"cannot write shard {shard} of cache {self.url}: {exc}; the {int(self.done_flags().sum())} "
+                             "samples already done are kept, rerun the same command to resume") from exc
+
+    def _write_shard(self, shard: int, records: Sequence[SampleRecord], expected: list[int]) -> None:
+        m = self.manifest
         g = self.group.require_group(shard_path(shard))
         rows, offsets = [], {"box": 0, "depth": 0, "fg": 0}
         for j, r in enumerate(records):
@@ -225,9 +335,11 @@ class CacheWriter:
         for name, data in arrays.items():
             rows_per_chunk = _ragged_chunk_rows(data.shape[1:], data.dtype)
             shard_rows = max(rows_per_chunk, -(-len(data) // rows_per_chunk) * rows_per_chunk)
+            # overwrite: this shard is not done, so what is there is a killed writer's partial output (the lease
+            # guarantees no live writer holds it).
             arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(rows_per_chunk, *data.shape[1:]),
-                                 shards=(shard_rows, *data.shape[1:]), fill_value=0,
-                                 compressors=_codecs(str(data.dtype)), overwrite=True)
+                                 shards=(shard_rows, *data.shape[1:]), overwrite=True,
+                                 **_array_kwargs(str(data.dtype)))
             if len(data):
                 arr[...] = data
         if m.features.mode == "dense":
@@ -247,9 +359,23 @@ class CacheWriter:
         _write_parquet(f"{self.url}/index.parquet", rows)
         manifest = self.manifest.to_dict()
         manifest["complete"] = True
-        self.group.attrs[CACHE_ATTR] = manifest
+        with remote_errors(self.url):
+            self.group.attrs[CACHE_ATTR] = manifest
         self.manifest = Manifest.parse(manifest)
         return True
+
+
+def _check_output(fs: Any, root: str, url: str) -> None:
+    """An extraction's output must be new, an empty directory, or a cache (checked by its manifest next)."""
+    if not fs.exists(root):
+        return
+    if fs.isfile(root):
+        raise CacheError(f"--out {url} is a file, not a cache directory")
+    entries = fs.ls(root, detail=False)
+    if entries and not fs.exists(f"{root.rstrip('/')}/zarr.json"):
+        names = sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        raise CacheError(f"--out {url} is a non-empty directory that is not a tigbev cache (holds "
+                         f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); choose a new or empty one")
 
 
 def _resume_mismatches(existing: Manifest, wanted: Manifest) -> list[str]:
@@ -260,26 +386,42 @@ def _resume_mismatches(existing: Manifest, wanted: Manifest) -> list[str]:
 
 
 class CacheReader:
-    """Random access to a finished cache. Opens the store lazily, so each DataLoader worker opens its own."""
+    """Random access to a finished cache.
+
+    The store is opened lazily and again in every process that reads (each DataLoader worker, forked or spawned,
+    opens its own: fork-safe for remote stores). Reads never return fill values for data that is not there: before
+    an array of a shard is first read, the zarr shard files its rows live in are checked to exist, and a sample's
+    rows must lie inside the stored array; otherwise a :class:`CacheError` names the sample and the array.
+    """
 
     def __init__(self, url: str, *, require_complete: bool = True):
         self.url = str(url).rstrip("/")
         self.require_complete = require_complete
+        self._pid: int | None = None
+        self._group: Any = None
         self._arrays: dict[tuple[int, str], Any] = {}
         _ = self.manifest  # fail early on a missing or foreign cache
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-open the store themselves
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers re-open the store themselves
         state = self.__dict__.copy()
-        state["_arrays"] = {}
-        state.pop("group", None)
+        state.update(_pid=None, _group=None, _arrays={})
         return state
 
-    @cached_property
+    @property
     def group(self):
+        """The zarr group, opened in this process."""
+        if self._pid != os.getpid():
+            self._group, self._arrays, self._pid = self._open_group(), {}, os.getpid()
+        return self._group
+
+    def _open_group(self):
         import zarr
 
         try:
-            return zarr.open_group(store=_open_store(self.url, "r"), mode="r")
+            with remote_errors(self.url):
+                return zarr.open_group(store=_open_store(self.url, "r"), mode="r")
+        except CacheError:
+            raise
         except (FileNotFoundError, zarr.errors.NodeNotFoundError) as exc:
             raise CacheError(f"no cache at {self.url}") from exc
         except Exception as exc:  # zarr raises several types for a folder that is not a group
@@ -288,7 +430,8 @@ class CacheReader:
     @cached_property
     def manifest(self) -> Manifest:
         try:
-            m = Manifest.parse(self.group.attrs.get(CACHE_ATTR))
+            with remote_errors(self.url):
+                m = Manifest.parse(self.group.attrs.get(CACHE_ATTR))
         except CacheFormatError as exc:
             raise CacheError(f"{self.url}: {exc}") from exc
         if self.require_complete and not m.complete:
@@ -317,28 +460,56 @@ class CacheReader:
         except KeyError:
             raise CacheError(f"sample {token} is not in cache {self.url}") from None
 
-    def check_compatible(self, *, version: str, split: str, tokens: Sequence[str], grid: dict[str, float] | None = None
-                         ) -> None:
-        """Raise a CacheError that says what differs when the cache does not belong to this dataset split/grid."""
-        expected = DatasetFingerprint(version=version, split=split, num_samples=len(tokens),
-                                      tokens_sha256=tokens_sha256(tokens))
+    def check_compatible(self, expected: DatasetFingerprint, *, grid: dict[str, float] | None = None) -> None:
+        """Raise a CacheError that says what differs when the cache was not computed from this dataset split (its
+        tokens, records and image sizes: :meth:`NuScenesReader.fingerprint`) or lies on another grid."""
         errors = self.manifest.compatibility_errors(dataset=expected, grid=grid)
         if errors:
             raise CacheError(f"cache {self.url} does not match: " + "; ".join(errors))
 
-    def _array(self, shard: int, name: str):
+    def _fault(self, sample_idx: int, name: str, what: str) -> CacheError:
+        token = self.index["token"][sample_idx]
+        return CacheError(f"cache {self.url}: sample {sample_idx} ({token}), array {name}: {what} (`tigbev cache "
+                          "verify` lists every fault)")
+
+    def _array(self, sample_idx: int, shard: int, name: str, rows: range):
+        """The array ``name`` of ``shard``, checked once per process: metadata present, shard files present, and
+        ``rows`` inside it (a missing chunk would otherwise read back as fill values)."""
+        group = self.group
         key = (shard, name)
-        if key not in self._arrays:
-            self._arrays[key] = self.group[f"{shard_path(shard)}/{name}"]
-        return self._arrays[key]
+        arr = self._arrays.get(key)
+        if arr is None:
+            path = name if name == "bev" else f"{shard_path(shard)}/{name}"
+            with remote_errors(self.url):
+                arr = open_array(group, path)
+                if arr is None:
+                    raise self._fault(sample_idx, name, f"array metadata {path}/zarr.json is missing")
+                m = self.manifest
+                stored = range(0, arr.shape[0]) if name != "bev" else m.shard_range(shard)
+                fs, root = fs_and_path(self.url)
+                lost = [k for k in shard_files(arr, stored) if not fs.exists(f"{root.rstrip('/')}/{path}/{k}")]
+            if lost:
+                raise self._fault(sample_idx, name, f"chunk file {path}/{lost[0]} is missing")
+            row_shape, dtype = m.row_spec(name)
+            if tuple(arr.shape[1:]) != row_shape or str(arr.dtype) != dtype:
+                raise self._fault(sample_idx, name, f"stored as {arr.dtype} rows of shape {tuple(arr.shape[1:])}, "
+                                                    f"the manifest says {dtype} rows of shape {row_shape}")
+            self._arrays[key] = arr
+        if rows.stop > arr.shape[0]:
+            raise self._fault(sample_idx, name, f"rows {rows.start}..{rows.stop} lie past the array's end "
+                                                f"({arr.shape[0]} rows stored)")
+        return arr
 
     def _read(self, sample_idx: int, shard: int, name: str, start: int, count: int) -> NDArray:
+        rows = range(start, start + count)
+        arr = self._array(sample_idx, shard, name, rows)
         try:
-            return np.asarray(self._array(shard, name)[start:start + count])
+            with remote_errors(self.url):
+                return np.asarray(arr[rows.start:rows.stop])
+        except CacheError:
+            raise
         except Exception as exc:  # a checksum mismatch is a ValueError, a lost chunk a KeyError/FileNotFoundError
-            token = self.index["token"][sample_idx]
-            raise CacheError(f"cache {self.url}: sample {sample_idx} ({token}), array {name}: unreadable ({exc})") \
-                from exc
+            raise self._fault(sample_idx, name, f"unreadable ({exc})") from exc
 
     def read(self, sample_idx: int) -> CachedSample:
         m = self.manifest
@@ -352,11 +523,7 @@ class CacheReader:
         keypoints = self._read(sample_idx, shard, "keypoints", row["box_offset"], row["num_boxes"])
         depth = self._read(sample_idx, shard, "depth", row["depth_offset"], row["num_depth"])
         if m.features.mode == "dense":
-            try:
-                feats = np.asarray(self.group["bev"][sample_idx]).astype(np.float32)
-            except Exception as exc:
-                raise CacheError(f"cache {self.url}: sample {sample_idx} ({row['token']}), array bev: unreadable "
-                                 f"({exc})") from exc
+            feats = self._read(sample_idx, shard, "bev", sample_idx, 1)[0].astype(np.float32)
             cells = None
         else:
             cells = self._read(sample_idx, shard, "fg_cells", row["fg_offset"], row["num_fg_cells"]).astype(np.int64)

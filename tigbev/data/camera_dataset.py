@@ -129,7 +129,9 @@ class CameraDetectionDataset(Dataset):
         else:
             if split is None:
                 raise ValueError("with a cache, the split name is required to check that the cache belongs to it")
-            cache.check_compatible(version=reader.version, split=split, tokens=self.tokens,
+            # The cache must have been computed from these samples' records: their content, not only their tokens.
+            num_sweeps = int(cache.manifest.teacher.config.get("num_sweeps", 1))
+            cache.check_compatible(reader.fingerprint(split, self.tokens, num_sweeps=num_sweeps),
                                    grid=None if cache_grid is None else cache_grid.to_dict())
             cameras = list(cache.manifest.depth.get("cameras", []))
             if cameras != list(CAMERA_CHANNELS):

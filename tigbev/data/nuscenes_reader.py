@@ -7,9 +7,11 @@ devkit quirks (predefined vs. custom splits, verbose loading, NaN velocities).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from tigbev.cache_schema import DatasetFingerprint, tokens_sha256
 from tigbev.data.classes import DETECTION_CLASSES, detection_name_of_category
 from tigbev.data.types import CameraView, GtBoxes, LidarSweeps, SampleFrame
 from tigbev.errors import DatasetError
@@ -44,6 +47,16 @@ CAMERA_CHANNELS: tuple[str, ...] = (
 )
 _PCD_COLUMNS = 5  # nuScenes .pcd.bin rows: x, y, z, intensity, ring index, all float32
 _TABLES = ("sample", "sample_data", "sample_annotation", "ego_pose", "calibrated_sensor", "scene")
+# The fields of each table that shape what extraction computes from a sample (NuScenesReader.fingerprint).
+_FINGERPRINT_FIELDS: dict[str, tuple[str, ...]] = {
+    "sample": ("token", "timestamp", "scene_token"),
+    "sample_data": ("token", "filename", "timestamp", "width", "height", "is_key_frame", "ego_pose_token",
+                    "calibrated_sensor_token", "prev"),
+    "calibrated_sensor": ("token", "translation", "rotation", "camera_intrinsic"),
+    "ego_pose": ("token", "translation", "rotation"),
+    "sample_annotation": ("token", "translation", "size", "rotation", "category_name", "attribute_tokens",
+                          "num_lidar_pts", "num_radar_pts", "prev", "next"),
+}
 
 
 def read_pcd_bin(path: str | os.PathLike[str]) -> NDArray[np.float32]:
@@ -169,6 +182,55 @@ class NuScenesReader:
                 tokens.append(token)
                 token = nusc.get("sample", token)["next"]
         return tokens
+
+    # ----------------------------------------------------------------------------------------------- fingerprint
+    def fingerprint(self, split: str, tokens: Sequence[str], *, num_sweeps: int) -> DatasetFingerprint:
+        """What a cache of these samples is computed from: the tokens, the content of every table record that
+        shapes a sample's cached data, and the image sizes.
+
+        Per sample: its ``sample`` record; the ``sample_data`` of its key LiDAR sweep, the ``num_sweeps - 1``
+        sweeps before it and its six camera images (file name, time, size, pose and calibration tokens); their
+        ``calibrated_sensor`` (extrinsics, intrinsics) and ``ego_pose`` records; its ``sample_annotation`` records
+        (pose, size, category, attributes, point counts, neighbours for the velocity). Each table's records are
+        hashed in sample order, so any change to one of them changes that table's digest.
+        """
+        nusc = self.nusc
+        digests = {t: hashlib.sha256() for t in _FINGERPRINT_FIELDS}
+        sizes: dict[str, set[str]] = {}
+
+        def add(table: str, rec: dict) -> None:
+            values = [rec.get(k) for k in _FINGERPRINT_FIELDS[table]]
+            digests[table].update(json.dumps(values, separators=(",", ":")).encode())
+
+        for token in tokens:
+            try:
+                sample = nusc.get("sample", token)
+            except KeyError:
+                raise DatasetError(f"sample token {token!r} is not in {self.dataroot / self.version}") from None
+            add("sample", sample)
+            data = []
+            sd_token = sample["data"].get(LIDAR_CHANNEL)
+            for _ in range(num_sweeps):
+                if not sd_token:
+                    break
+                sd = nusc.get("sample_data", sd_token)
+                data.append(sd)
+                sd_token = sd["prev"]
+            for channel in CAMERA_CHANNELS:
+                if channel in sample["data"]:
+                    sd = nusc.get("sample_data", sample["data"][channel])
+                    data.append(sd)
+                    sizes.setdefault(channel, set()).add(f"{sd['width']}x{sd['height']}")
+            for sd in data:
+                add("sample_data", sd)
+                add("calibrated_sensor", nusc.get("calibrated_sensor", sd["calibrated_sensor_token"]))
+                add("ego_pose", nusc.get("ego_pose", sd["ego_pose_token"]))
+            for ann_token in sample["anns"]:
+                add("sample_annotation", nusc.get("sample_annotation", ann_token))
+        return DatasetFingerprint(
+            version=self.version, split=split, num_samples=len(tokens), tokens_sha256=tokens_sha256(tokens),
+            records_sha256={t: h.hexdigest() for t, h in digests.items()},
+            image_sizes={ch: sorted(v) for ch, v in sorted(sizes.items())})
 
     # ----------------------------------------------------------------------------------------------- poses
     def _pose(self, table: str, token: str) -> NDArray[np.float64]:

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from tigbev.cache_schema import RAGGED_ARRAYS, shard_index_path, shard_path
-from tigbev.cache_store import CacheError, CacheReader, fs_and_path, read_parquet_rows
+from tigbev.cache_schema import RAGGED_ARRAYS, missing_value, shard_arrays, shard_index_path, shard_path, tokens_sha256
+from tigbev.cache_store import CacheError, CacheReader, fs_and_path, open_array, read_parquet_rows, shard_files
 
 __all__ = ["Fault", "cache_info", "dump_sample", "keypoint_features", "verify_cache"]
 
@@ -61,7 +61,7 @@ def cache_info(url: str) -> dict[str, Any]:
         if not done[m.shard_range(shard).start:m.shard_range(shard).stop].all():
             continue
         for name in RAGGED_ARRAYS:
-            arr = _member(group, f"{shard_path(shard)}/{name}")
+            arr = open_array(group, f"{shard_path(shard)}/{name}")
             if arr is not None:
                 raw[name] = raw.get(name, 0) + int(arr.nbytes)
     n_done = max(int(done.sum()), 1)
@@ -86,83 +86,139 @@ def cache_info(url: str) -> dict[str, Any]:
 
 
 def verify_cache(url: str) -> list[Fault]:
-    """Read every chunk (checksums are checked on read) and check the index against the manifest and the arrays."""
+    """Prove a cache complete and intact: for every array of every sample the index lists, the array's metadata
+    exists, its rows have the manifest's shape and dtype, the array holds exactly the rows the index says, every
+    zarr shard file those rows live in exists, every chunk reads with a valid checksum, and no stored value is the
+    fill value (which no written sample holds: it would mean a lost chunk). Then the index against the manifest."""
     faults: list[Fault] = []
     try:
         reader = CacheReader(url, require_complete=False)
         m = reader.manifest
+        group = reader.group
+        fs, root = fs_and_path(reader.url)
     except CacheError as exc:
         return [Fault(-1, "", "manifest", str(exc))]
-    group = reader.group
+    root = root.rstrip("/")
+
+    def lost_files(arr, path: str, rows: range) -> list[str]:
+        return [k for k in shard_files(arr, rows) if not fs.exists(f"{root}/{path}/{k}")]
+
+    done_arr = open_array(group, "done")
+    if done_arr is None:
+        return [Fault(-1, "", "done", "array metadata done/zarr.json is missing")]
+    n = m.dataset.num_samples
+    lost = lost_files(done_arr, "done", range(n))
+    if lost:
+        faults.append(Fault(-1, "", "done", f"chunk file(s) {', '.join('done/' + k for k in lost)} missing: those "
+                                            "shards read as not written"))
     try:
-        done = np.asarray(group["done"][:]).astype(bool)
+        done = np.asarray(done_arr[:]).astype(bool)
     except Exception as exc:  # noqa: BLE001 - any failure to read is a fault to report, not to raise
-        return [Fault(-1, "", "done", f"unreadable: {exc}")]
+        return [*faults, Fault(-1, "", "done", f"unreadable: {_short(exc)}")]
     if not m.complete:
-        faults.append(Fault(-1, "", "manifest", f"incomplete: {int(done.sum())} of {m.dataset.num_samples} done"))
+        faults.append(Fault(-1, "", "manifest", f"incomplete: {int(done.sum())} of {n} done"))
+    elif not done.all():
+        faults.append(Fault(-1, "", "manifest", f"marked complete, but only {int(done.sum())} of {n} samples are "
+                                                "done"))
+    bev = None
+    if m.features.mode == "dense":
+        bev = open_array(group, "bev")
+        if bev is None:
+            faults.append(Fault(-1, "", "bev", "array metadata bev/zarr.json is missing"))
+        else:
+            faults += _layout_faults(m, "bev", bev, -1, "")
     for shard in range(m.num_shards):
         r = m.shard_range(shard)
         if not done[r.start:r.stop].all():
-            for i in r:
-                if not done[i]:
-                    faults.append(Fault(i, "", "done", "sample not written"))
+            faults += [Fault(i, "", "done", "sample not written") for i in r if not done[i]]
             continue
         try:
             rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
         except Exception as exc:  # noqa: BLE001 - reported as a fault
-            faults += [Fault(i, "", "index", f"shard index unreadable: {exc}") for i in r]
+            faults += [Fault(i, "", "index", f"shard index unreadable: {_short(exc)}") for i in r]
             continue
         if rows["sample_idx"] != list(r):
             faults += [Fault(i, "", "index", "shard index lists other samples") for i in r]
             continue
-        for name in RAGGED_ARRAYS:
-            arr = _member(group, f"{shard_path(shard)}/{name}")
-            if arr is None:
-                continue
-            try:
-                np.asarray(arr[...])
-                continue
-            except Exception:  # noqa: BLE001, S110 - find which samples are hit, below
-                pass
-            for j, i in enumerate(r):
-                start, count = _rows_of(name, rows, j)
-                try:
-                    np.asarray(arr[start:start + count])
-                except Exception as exc:  # noqa: BLE001 - reported as a fault
-                    faults.append(Fault(i, rows["token"][j], name, f"unreadable: {_short(exc)}"))
-        for name in ("boxes", "depth"):
-            arr = _member(group, f"{shard_path(shard)}/{name}")
-            for j, i in enumerate(r):
-                start, count = _rows_of(name, rows, j)
-                if arr is None or start + count > arr.shape[0]:
-                    faults.append(Fault(i, rows["token"][j], name, "missing, or the index points past its end"))
-        if m.features.mode == "dense":
+        for name in shard_arrays(m.features):
+            faults += _shard_array_faults(m, group, shard, name, rows, r, lost_files)
+        if bev is not None:
+            lost = lost_files(bev, "bev", r)
             for i in r:
+                token = rows["token"][i - r.start]
+                if lost:
+                    faults.append(Fault(i, token, "bev", f"chunk file bev/{lost[0]} is missing"))
+                    continue
                 try:
-                    np.asarray(group["bev"][i])
+                    if np.isnan(np.asarray(bev[i])).any():
+                        faults.append(Fault(i, token, "bev", "holds fill values: a chunk is missing"))
                 except Exception as exc:  # noqa: BLE001 - reported as a fault
-                    faults.append(Fault(i, rows["token"][i - r.start], "bev", f"unreadable: {_short(exc)}"))
+                    faults.append(Fault(i, token, "bev", f"unreadable: {_short(exc)}"))
     if m.complete:
         try:
             index = read_parquet_rows(f"{reader.url}/index.parquet")
-            if len(index["token"]) != m.dataset.num_samples:
-                faults.append(Fault(-1, "", "index", f"{len(index['token'])} rows for {m.dataset.num_samples} samples"))
-            else:
-                from tigbev.cache_store import tokens_sha256
-
-                if tokens_sha256(index["token"]) != m.dataset.tokens_sha256:
-                    faults.append(Fault(-1, "", "index", "sample tokens differ from the manifest's fingerprint"))
+            if len(index["token"]) != n:
+                faults.append(Fault(-1, "", "index", f"{len(index['token'])} rows for {n} samples"))
+            elif tokens_sha256(index["token"]) != m.dataset.tokens_sha256:
+                faults.append(Fault(-1, "", "index", "sample tokens differ from the manifest's fingerprint"))
         except Exception as exc:  # noqa: BLE001 - reported as a fault
             faults.append(Fault(-1, "", "index", f"unreadable: {_short(exc)}"))
     return faults
 
 
-def _member(group, path: str):
-    """The array at ``path``, or None when it does not exist (e.g. fg_scale in float16 mode)."""
+def _layout_faults(m, name: str, arr, sample_idx: int, token: str) -> list[Fault]:
+    row_shape, dtype = m.row_spec(name)
+    if tuple(arr.shape[1:]) != row_shape or str(arr.dtype) != dtype:
+        return [Fault(sample_idx, token, name, f"stored as {arr.dtype} rows of shape {tuple(arr.shape[1:])}, the "
+                                               f"manifest says {dtype} rows of shape {row_shape}")]
+    return []
+
+
+def _shard_array_faults(m, group, shard: int, name: str, rows: dict[str, list[Any]], r: range,
+                        lost_files) -> list[Fault]:
+    """Every fault of one ragged array of one finished shard, named by sample."""
+    path = f"{shard_path(shard)}/{name}"
+    spans = [(i, rows["token"][j], *_rows_of(name, rows, j)) for j, i in enumerate(r)]
+    expected = max((start + count for _, _, start, count in spans), default=0)
+    arr = open_array(group, path)
+    if arr is None:
+        return [Fault(i, t, name, f"array metadata {path}/zarr.json is missing") for i, t, _, _ in spans]
+    layout = _layout_faults(m, name, arr, spans[0][0], spans[0][1])
+    if layout:
+        return layout
+    faults = []
+    if arr.shape[0] != expected:
+        faults.append(Fault(spans[0][0], spans[0][1], name, f"{path} stores {arr.shape[0]} rows, the shard index "
+                                                            f"lists {expected}"))
+    lost = set(lost_files(arr, path, range(expected)))
+    per_file = (arr.shards or arr.chunks)[0]
     try:
-        return group[path]
-    except KeyError:
-        return None
+        data = np.asarray(arr[...]) if not lost else None
+    except Exception:  # noqa: BLE001 - find which samples are hit, below
+        data = None
+    for i, token, start, count in spans:
+        if count == 0:
+            continue
+        if start + count > arr.shape[0]:
+            faults.append(Fault(i, token, name, f"rows {start}..{start + count} lie past the array's end "
+                                                f"({arr.shape[0]} rows stored)"))
+            continue
+        files = shard_files(arr, range(start, start + count))
+        if lost & set(files):
+            faults.append(Fault(i, token, name, f"chunk file {path}/{sorted(lost & set(files))[0]} is missing "
+                                                f"(rows {start}..{start + count}, {per_file} rows per file)"))
+            continue
+        try:
+            part = data[start:start + count] if data is not None else np.asarray(arr[start:start + count])
+        except Exception as exc:  # noqa: BLE001 - reported as a fault
+            faults.append(Fault(i, token, name, f"unreadable: {_short(exc)}"))
+            continue
+        fill = missing_value(str(arr.dtype))
+        hit = np.isnan(part) if isinstance(fill, float) else part == fill
+        if hit.any():
+            faults.append(Fault(i, token, name, f"{int(hit.reshape(len(part), -1).any(axis=1).sum())} of {count} rows "
+                                                "hold the fill value: a chunk is missing"))
+    return faults
 
 
 def _rows_of(name: str, rows: dict[str, list[Any]], j: int) -> tuple[int, int]:

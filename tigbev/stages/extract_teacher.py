@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tigbev.cache_schema import FORMAT_VERSION, DatasetFingerprint, FeatureStorage, Manifest, TeacherFingerprint
-from tigbev.cache_store import CODECS_DESCRIPTION, CacheWriter, SampleRecord, tokens_sha256
+from tigbev.cache_store import CODECS_DESCRIPTION, CacheError, CacheWriter, SampleRecord
 from tigbev.config import ExtractTeacherConfig
 from tigbev.data.camera_dataset import depth_points
 from tigbev.data.lidar_dataset import training_boxes
@@ -143,12 +143,11 @@ def _part_of(cfg: ExtractTeacherConfig) -> tuple[int, int]:
 
 
 def build_manifest(cfg: ExtractTeacherConfig, *, teacher_sha: str, teacher_config: dict[str, Any],
-                   grid: BevGrid, channels: int, version: str, tokens: Sequence[str]) -> Manifest:
+                   grid: BevGrid, channels: int, dataset: DatasetFingerprint) -> Manifest:
     return Manifest(
         format_version=FORMAT_VERSION,
         teacher=TeacherFingerprint(checkpoint_sha256=teacher_sha, config=teacher_config),
-        dataset=DatasetFingerprint(version=version, split=cfg.split, num_samples=len(tokens),
-                                   tokens_sha256=tokens_sha256(tokens)),
+        dataset=dataset,
         grid=grid.to_dict(),
         features=FeatureStorage(mode=cfg.features, dtype=cfg.feature_dtype, channels=channels),
         keypoints={"enlarge_m": cfg.keypoint_enlarge_m, "grid_size": cfg.keypoint_grid},
@@ -176,69 +175,81 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
     grid = tcfg.bev_grid
     reader = NuScenesReader(cfg.dataroot, num_sweeps=tcfg.num_sweeps)
     tokens = reader.sample_tokens(cfg.split) if tokens is None else list(tokens)
+    fingerprint = reader.fingerprint(cfg.split, tokens, num_sweeps=tcfg.num_sweeps)
     manifest = build_manifest(cfg, teacher_sha=file_sha256(cfg.teacher_checkpoint), teacher_config=tcfg.to_dict(),
-                              grid=grid, channels=tcfg.bev_channels, version=reader.version, tokens=tokens)
+                              grid=grid, channels=tcfg.bev_channels, dataset=fingerprint)
     writer = CacheWriter(cfg.out, manifest)
     manifest = writer.manifest
     part, parts = _part_of(cfg)
     n_shards = manifest.num_shards
     mine = range(part * n_shards // parts, (part + 1) * n_shards // parts)
-    done = writer.done_flags()
-    todo = [k for k in mine if not done[manifest.shard_range(k).start:manifest.shard_range(k).stop].all()]
-    ranges = [manifest.shard_range(k) for k in todo]
-    n_todo = sum(len(r) for r in ranges)
-    skipped = sum(len(manifest.shard_range(k)) for k in mine) - n_todo
 
-    dataset = _ExtractDataset(reader, tokens, tcfg.point_range_m, cfg)
-    loader = DataLoader(dataset, batch_sampler=_ShardBatches(ranges, cfg.batch_size), collate_fn=_collate,
-                        num_workers=cfg.workers, prefetch_factor=2 if cfg.workers > 0 else None)
+    def not_done() -> list[int]:
+        done = writer.done_flags()
+        return [k for k in mine if not done[manifest.shard_range(k).start:manifest.shard_range(k).stop].all()]
 
-    # The writer thread: compression and I/O overlap the teacher's next batches.
-    jobs: queue.Queue[tuple[int, list[SampleRecord]] | None] = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []
+    # One writer per shard: a lease on the shards still to do (refused while another live writer holds any of
+    # them), then the to-do list again, since a writer that finished meanwhile may have done some.
+    with writer.lease(not_done()):
+        todo = not_done()
+        ranges = [manifest.shard_range(k) for k in todo]
+        n_todo = sum(len(r) for r in ranges)
+        skipped = sum(len(manifest.shard_range(k)) for k in mine) - n_todo
 
-    def write_loop() -> None:
-        while (job := jobs.get()) is not None:
-            if errors:
-                continue
-            try:
-                writer.write_shard(*job)
-            except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
-                errors.append(exc)
+        dataset = _ExtractDataset(reader, tokens, tcfg.point_range_m, cfg)
+        loader = DataLoader(dataset, batch_sampler=_ShardBatches(ranges, cfg.batch_size), collate_fn=_collate,
+                            num_workers=cfg.workers, prefetch_factor=2 if cfg.workers > 0 else None)
 
-    thread = threading.Thread(target=write_loop, name="cache-writer", daemon=True)
-    thread.start()
-    pending: dict[int, list[SampleRecord]] = {}
-    written = 0
-    loop_start = time.perf_counter()
-    bar = tqdm(total=n_todo, desc=f"extract {cfg.split} [{part + 1}/{parts}]", unit="sample", disable=not progress)
-    try:
-        for items in loader:
-            if errors:
-                raise errors[0]
-            points = [it.points.to(device) for it in items]
-            bev = teacher.bev_map(points).float().cpu().numpy()  # (B, C, H, W)
-            for it, fmap in zip(items, bev):
-                record = _record(it, fmap, grid, cfg, manifest.features.margin_cells)
-                shard = manifest.shard_of(it.sample_idx)
-                pending.setdefault(shard, []).append(record)
-                if len(pending[shard]) == len(manifest.shard_range(shard)):
-                    jobs.put((shard, pending.pop(shard)))
-                    written += len(manifest.shard_range(shard))
-            bar.update(len(items))
-    finally:
-        jobs.put(None)
-        thread.join()
-        bar.close()
-    if errors:
-        raise errors[0]
-    complete = writer.finalize()
-    end = time.perf_counter()
-    return ExtractResult(url=cfg.out, samples_written=written, samples_skipped=skipped, seconds=end - start,
-                         complete=complete, loop_seconds=end - loop_start)
+        # The writer thread: compression and I/O overlap the teacher's next batches.
+        jobs: queue.Queue[tuple[int, list[SampleRecord]] | None] = queue.Queue(maxsize=2)
+        errors: list[BaseException] = []
+
+        def write_loop() -> None:
+            while (job := jobs.get()) is not None:
+                if errors:
+                    continue
+                try:
+                    writer.write_shard(*job)
+                except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
+                    errors.append(exc)
+
+        thread = threading.Thread(target=write_loop, name="cache-writer", daemon=True)
+        thread.start()
+        pending: dict[int, list[SampleRecord]] = {}
+        written = 0
+        loop_start = time.perf_counter()
+        bar = tqdm(total=n_todo, desc=f"extract {cfg.split} [{part + 1}/{parts}]", unit="sample",
+                   disable=not progress)
+        try:
+            for items in loader:
+                if errors:
+                    raise errors[0]
+                points = [it.points.to(device) for it in items]
+                bev = teacher.bev_map(points).float().cpu().numpy()  # (B, C, H, W)
+                for it, fmap in zip(items, bev):
+                    record = _record(it, fmap, grid, cfg, manifest.features.margin_cells)
+                    shard = manifest.shard_of(it.sample_idx)
+                    pending.setdefault(shard, []).append(record)
+                    if len(pending[shard]) == len(manifest.shard_range(shard)):
+                        jobs.put((shard, pending.pop(shard)))
+                        written += len(manifest.shard_range(shard))
+                bar.update(len(items))
+        finally:
+            jobs.put(None)
+            thread.join()
+            bar.close()
+        if errors:
+            raise errors[0]
+        complete = writer.finalize()
+        end = time.perf_counter()
+        return ExtractResult(url=cfg.out, samples_written=written, samples_skipped=skipped, seconds=end - start,
+                             complete=complete, loop_seconds=end - loop_start)
 
 
 def _record(it: _Item, fmap: np.ndarray, grid: BevGrid, cfg: ExtractTeacherConfig, margin: int) -> SampleRecord:
+    if not np.isfinite(fmap).all():
+        raise CacheError(f"the teacher's BEV map of sample {it.sample_idx} ({it.token}) is not finite; nothing of its "
+                         "shard is written (is the teacher checkpoint sound?)")
     c = fmap.shape[0]
     fg_cells = np.zeros(0, np.int32)
     fg_features: np.ndarray = np.zeros((0, c), np.float16)
