@@ -31,7 +31,7 @@ from tigbev.cache_schema import (
 )
 from tigbev.errors import TigbevError
 
-__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "open_array",
+__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "holds_fill", "open_array",
            "read_parquet_rows", "shard_files", "tokens_sha256"]
 
 _RAGGED_CHUNK_BYTES = 256 * 1024  # inner chunk size of ragged arrays: a sample reads a few chunks, not a shard
@@ -201,6 +201,12 @@ def shard_files(arr: Any, rows: range) -> list[str]:
     tail = (0,) * (arr.ndim - 1)
     return [arr.metadata.encode_chunk_key((i, *tail)) for i in range(rows.start // per_file,
                                                                        (rows.stop - 1) // per_file + 1)]
+
+
+def holds_fill(data: NDArray) -> NDArray[np.bool_]:
+    """Which elements equal their dtype's fill value (cache_schema.missing_value): data that was never read."""
+    fill = missing_value(str(data.dtype))
+    return np.isnan(data) if isinstance(fill, float) else data == fill
 
 
 def open_array(group: Any, path: str) -> Any | None:
@@ -505,11 +511,14 @@ class CacheReader:
         arr = self._array(sample_idx, shard, name, rows)
         try:
             with remote_errors(self.url):
-                return np.asarray(arr[rows.start:rows.stop])
+                data = np.asarray(arr[rows.start:rows.stop])
         except CacheError:
             raise
         except Exception as exc:  # a checksum mismatch is a ValueError, a lost chunk a KeyError/FileNotFoundError
             raise self._fault(sample_idx, name, f"unreadable ({exc})") from exc
+        if holds_fill(data).any():  # an inner chunk missing from its shard file reads as the fill value
+            raise self._fault(sample_idx, name, "holds the fill value: a chunk is missing")
+        return data
 
     def read(self, sample_idx: int) -> CachedSample:
         m = self.manifest

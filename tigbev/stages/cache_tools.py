@@ -9,8 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from tigbev.cache_schema import RAGGED_ARRAYS, missing_value, shard_arrays, shard_index_path, shard_path, tokens_sha256
-from tigbev.cache_store import CacheError, CacheReader, fs_and_path, open_array, read_parquet_rows, shard_files
+from tigbev.cache_schema import RAGGED_ARRAYS, shard_arrays, shard_index_path, shard_path, tokens_sha256
+from tigbev.cache_store import (
+    CacheError,
+    CacheReader,
+    fs_and_path,
+    holds_fill,
+    open_array,
+    read_parquet_rows,
+    shard_files,
+)
 
 __all__ = ["Fault", "cache_info", "dump_sample", "keypoint_features", "verify_cache"]
 
@@ -150,7 +158,7 @@ def verify_cache(url: str) -> list[Fault]:
                     faults.append(Fault(i, token, "bev", f"chunk file bev/{lost[0]} is missing"))
                     continue
                 try:
-                    if np.isnan(np.asarray(bev[i])).any():
+                    if holds_fill(np.asarray(bev[i])).any():
                         faults.append(Fault(i, token, "bev", "holds fill values: a chunk is missing"))
                 except Exception as exc:  # noqa: BLE001 - reported as a fault
                     faults.append(Fault(i, token, "bev", f"unreadable: {_short(exc)}"))
@@ -213,8 +221,7 @@ def _shard_array_faults(m, group, shard: int, name: str, rows: dict[str, list[An
         except Exception as exc:  # noqa: BLE001 - reported as a fault
             faults.append(Fault(i, token, name, f"unreadable: {_short(exc)}"))
             continue
-        fill = missing_value(str(arr.dtype))
-        hit = np.isnan(part) if isinstance(fill, float) else part == fill
+        hit = holds_fill(part)
         if hit.any():
             faults.append(Fault(i, token, name, f"{int(hit.reshape(len(part), -1).any(axis=1).sum())} of {count} rows "
                                                 "hold the fill value: a chunk is missing"))
