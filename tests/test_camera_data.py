@@ -297,11 +297,11 @@ def test_without_augmentation_cached_depth_equals_depth_from_lidar(reader: NuSce
 
 
 def test_a_cache_of_another_split_or_grid_is_refused(reader: NuScenesReader, cache: CacheReader) -> None:
-    with pytest.raises(CacheError, match="split: cache has 'synth_train', expected 'synth_val'"):
+    with pytest.raises(CacheError, match="split: cache has 'synth_train', dataset has 'synth_val'"):
         _dataset(reader, cache, split="synth_val")
     with pytest.raises(CacheError, match="grid cell_m: cache has 1.6, expected 0.8"):
         _dataset(reader, cache, cache_grid=BevGrid.square(51.2, 0.8))
-    with pytest.raises(CacheError, match="num_samples: cache has 3, expected 2"):
+    with pytest.raises(CacheError, match="num_samples: cache has 3, dataset has 2"):
         _dataset(reader, cache, tokens=reader.sample_tokens(SPLIT)[:2])
     with pytest.raises(ValueError, match="split name is required"):
         _dataset(reader, cache, split=None, tokens=reader.sample_tokens(SPLIT))
@@ -376,7 +376,7 @@ def test_dataloader_worker_reopens_the_cache(reader: NuScenesReader, cache: Cach
     ds = _dataset(reader, cache, seed=4)
     ds.set_epoch(2)
     cache.read(0)  # the parent has the store open; a pickled copy leaves it behind and the worker opens its own
-    assert "group" in cache.__dict__ and "group" not in cache.__getstate__()
+    assert cache.__dict__["_group"] is not None and cache.__getstate__()["_group"] is None
     # spawn (macOS' and Windows' default) pickles the dataset into the worker: the path where reopening matters.
     loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_camera, multiprocessing_context="spawn")
     batches = list(loader)

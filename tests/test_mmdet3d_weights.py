@@ -232,7 +232,7 @@ def test_path_api_with_plain_meta(tmp_path: Path, fake_state: dict[str, torch.Te
     with pytest.raises(CheckpointError, match="not found"):
         load_mmdet3d_centerpoint(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="junk.pth is not a torch checkpoint or is damaged"):
         load_mmdet3d_centerpoint(tmp_path / "junk.pth")
     save_checkpoint(tmp_path / "ours.pt", {"model": {}, "teacher_config": {}})
     with pytest.raises(CheckpointError, match="tigbev teacher checkpoint"):

@@ -99,7 +99,7 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a tigbev teacher checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="junk.pt is not a torch checkpoint or is damaged"):
         load_checkpoint(tmp_path / "junk.pt")
     save_checkpoint(tmp_path / "ok.pt", {"model": {}, "teacher_config": teacher_preset("demo").to_dict()})
     with pytest.raises(CheckpointError, match="do not fit"):

@@ -68,7 +68,7 @@ def test_two_seeds_share_one_cache_and_resume(synth_root: Path, synth_cache: str
 
 
 def test_a_cache_of_another_split_is_refused(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
-    with pytest.raises(CacheError, match="split: cache has 'synth_train', expected 'synth_val'"):
+    with pytest.raises(CacheError, match="split: cache has 'synth_train', dataset has 'synth_val'"):
         train_student.run(_cfg(synth_root, tmp_path / "x", synth_cache, split="synth_val"), progress=False)
 
 

@@ -33,13 +33,37 @@ def test_a_resumed_log_keeps_the_earlier_curve(tmp_path: Path) -> None:
     with TrainingLog(path, every=1) as log:
         log.step(1, 0, {"total": 4.0}, lr=0.1, step_s=0.5)
         log.end_epoch(0, 1)
-    with TrainingLog(path, every=1) as resumed:
+    with TrainingLog(path, every=1, resume_step=1) as resumed:
         assert resumed.steps == [1] and resumed.history == {"total": [4.0]}  # lr / step_s are not losses
         resumed.step(2, 1, {"total": 3.0})
     assert resumed.steps == [1, 2] and resumed.history["total"] == [4.0, 3.0]
     assert len(_records(path)) == 3  # appended, nothing lost
     png = resumed.plot(tmp_path / "curve.png", "test")
     assert png is not None and png.stat().st_size > 0
+    with TrainingLog(path, every=1):  # a fresh run (not resumed) starts the file anew
+        pass
+    assert _records(path) == []
+
+
+def test_a_run_killed_mid_epoch_logs_no_step_twice(tmp_path: Path) -> None:
+    """Checkpoint at step 2; the killed run logged steps 3-4 (and half a line) before dying; the resumed run
+    redoes steps 3-4: each step is in the file once, in order."""
+    path = tmp_path / "metrics.jsonl"
+    with TrainingLog(path, every=1) as log:
+        for step in (1, 2):
+            log.step(step, 0, {"total": float(step)})
+        log.end_epoch(0, 2)
+        for step in (3, 4):
+            log.step(step, 1, {"total": 10.0 + step})
+    with path.open("a") as f:
+        f.write('{"kind": "step", "st')
+    with TrainingLog(path, every=1, resume_step=2) as resumed:
+        for step in (3, 4):
+            resumed.step(step, 1, {"total": float(step)})
+        resumed.end_epoch(1, 4)
+    steps = [r["step"] for r in _records(path) if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4]
+    assert resumed.history["total"] == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_disabled_log_writes_nothing_and_bad_input_is_named(tmp_path: Path) -> None:
@@ -48,9 +72,9 @@ def test_disabled_log_writes_nothing_and_bad_input_is_named(tmp_path: Path) -> N
         log.step(1, 0, {"total": 1.0}, last=True)
         log.end_epoch(0, 1)
     assert not path.exists() and log.plot(tmp_path / "c.png", "t") is None
-    path.write_text('{"kind": "step", "step": 1, "total": 1.0}\n{"kind": "st')  # cut short by a killed run
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
-        TrainingLog(path, every=1)
+    path.write_text('{"kind": "st\n{"kind": "step", "step": 1, "total": 1.0}\n')  # damaged, not cut short
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON line"):
+        TrainingLog(path, every=1, resume_step=5)
     with pytest.raises(ValueError, match="every"):
         TrainingLog(tmp_path / "x.jsonl", every=0)
     with pytest.raises(RuntimeError, match="with"):

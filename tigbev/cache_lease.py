@@ -108,8 +108,8 @@ class WriterLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def others(self) -> list[Lease]:
-        """Live leases of other writers (stale ones are removed on the way)."""
+    def others(self, *, remove_stale: bool = True) -> list[Lease]:
+        """Live leases of other writers (stale ones are removed on the way, unless ``remove_stale`` is False)."""
         try:
             paths = [p for p in self.fs.ls(self.dir, detail=False, refresh=True) if str(p).endswith(".json")]
         except FileNotFoundError:
@@ -125,10 +125,12 @@ class WriterLease:
             except FileNotFoundError:  # removed meanwhile
                 continue
             except (ValueError, KeyError, TypeError):  # a lease cut short by a crash mid-write: stale by definition
-                self._remove(path)
+                if remove_stale:
+                    self._remove(path)
                 continue
             if lease.is_stale(now, self.stale_after_s):
-                self._remove(path)
+                if remove_stale:
+                    self._remove(path)
                 continue
             live.append(lease)
         return live

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 
 from tigbev.errors import TigbevError
@@ -18,17 +23,59 @@ app = typer.Typer(
 )
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+_DEBUG_ENV = "TIGBEV_DEBUG"
+_debug = {"on": False}
+"""This invocation's --debug (set by the root callback on every invocation)."""
+
+
 @app.callback()
-def _root() -> None:
+def _root(debug: Annotated[bool, typer.Option(
+        "--debug", help=f"Show the full traceback of a failure (or set {_DEBUG_ENV}=1).")] = False) -> None:
     """TiG-BEV LiDAR-to-camera distillation with an offline teacher cache."""
+    _debug["on"] = debug
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+def _message(exc: BaseException) -> str:
+    """One line that says what failed, naming the file, option or sample (the errors' own messages do)."""
+    if isinstance(exc, (TigbevError, ValueError)):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    elif isinstance(exc, EOFError):
+        text = f"a file ended early ({exc or 'EOF'})"
+    elif isinstance(exc, pickle.UnpicklingError):
+        from tigbev.checkpoint_file import unpickler_reason
+
+        text = f"refused to unpickle a file: {unpickler_reason(exc)}"
+    else:
+        text = f"{type(exc).__name__}: {exc} (an internal error; rerun with --debug and report the traceback)"
+    return " ".join(text.split())
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    typer.secho(f"error: {_message(exc)}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
 
 
+def _guarded(command: _F) -> _F:
+    """Every failure of a command is one line on stderr and exit code 2; --debug (or TIGBEV_DEBUG=1) re-raises."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place that turns failures into one line
+            if _debug["on"] or os.environ.get(_DEBUG_ENV, "") not in ("", "0"):
+                raise
+            raise _fail(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 @app.command()
+@_guarded
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Dataroot to create (must not exist, or be empty).")],
     scenes: Annotated[int, typer.Option(min=1, help="Number of scenes.")] = 12,
@@ -41,22 +88,19 @@ def synth(
     image_height: Annotated[int, typer.Option(help="Camera image height (px).")] = 270,
     sweeps_per_sample: Annotated[int, typer.Option(min=0, help="Non-key LiDAR sweeps between key frames.")] = 2,
     lidar_azimuth_steps: Annotated[int, typer.Option(help="LiDAR horizontal resolution (steps per turn).")] = 1084,
-    object_density: Annotated[float, typer.Option(min=0.0, help="Scales the number of extra objects.")] = 1.0,
+    object_density: Annotated[float, typer.Option(help="Scales the number of extra objects (>= 0).")] = 1.0,
     workers: Annotated[int, typer.Option(min=1, help="Processes rendering scenes in parallel.")] = 2,
 ) -> None:
     """Write a synthetic nuScenes-format dataroot (splits synth_train and synth_val)."""
     from tigbev.config import SynthConfig
     from tigbev.data.synth.writer import write_synthetic_dataset
 
-    try:
-        cfg = SynthConfig(
-            out_dir=out_dir, scenes=scenes, samples_per_scene=samples_per_scene, val_scenes=val_scenes, seed=seed,
-            image_width=image_width, image_height=image_height, sweeps_per_sample=sweeps_per_sample,
-            lidar_azimuth_steps=lidar_azimuth_steps, object_density=object_density, workers=workers,
-        )
-        result = write_synthetic_dataset(cfg)
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    cfg = SynthConfig(
+        out_dir=out_dir, scenes=scenes, samples_per_scene=samples_per_scene, val_scenes=val_scenes, seed=seed,
+        image_width=image_width, image_height=image_height, sweeps_per_sample=sweeps_per_sample,
+        lidar_azimuth_steps=lidar_azimuth_steps, object_density=object_density, workers=workers,
+    )
+    result = write_synthetic_dataset(cfg)
     typer.echo(
         f"wrote {result.num_samples} samples ({result.num_annotations} annotations) to {result.dataroot} "
         f"in {result.seconds:.1f} s; version {result.version}, splits {result.train_split} / {result.val_split}"
@@ -64,6 +108,7 @@ def synth(
 
 
 @app.command("train-teacher")
+@_guarded
 def train_teacher(
     preset: Annotated[str, typer.Option(help="Model + defaults: 'demo' (CPU-sized) or 'nuscenes' (published).")],
     dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
@@ -72,7 +117,7 @@ def train_teacher(
     val_split: Annotated[str | None, typer.Option(help="Evaluate the final model on this split.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default: the preset's).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Samples per step (default: the preset's).")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Peak one-cycle learning rate (default: preset's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak one-cycle learning rate (default: preset's).")] = None,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
@@ -84,17 +129,14 @@ def train_teacher(
     from tigbev.config import TrainTeacherConfig, train_teacher_defaults
     from tigbev.stages import train_teacher as stage
 
-    try:
-        defaults = train_teacher_defaults(preset)  # type: ignore[arg-type]
-        overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-        cfg = TrainTeacherConfig(
-            preset=preset, dataroot=dataroot, split=split, out_dir=out, val_split=val_split, workers=workers,
-            seed=seed, device=device, resume=resume, augment=not no_augment, max_steps=max_steps,
-            **{**defaults, **overrides},
-        )
-        result = stage.run(cfg)
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    defaults = train_teacher_defaults(preset)  # type: ignore[arg-type]
+    overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    cfg = TrainTeacherConfig(
+        preset=preset, dataroot=dataroot, split=split, out_dir=out, val_split=val_split, workers=workers,
+        seed=seed, device=device, resume=resume, augment=not no_augment, max_steps=max_steps,
+        **{**defaults, **overrides},
+    )
+    result = stage.run(cfg)
     typer.echo(f"teacher: {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}, "
                f"checkpoint {result.checkpoint}")
     if result.metrics is not None:
@@ -102,6 +144,7 @@ def train_teacher(
 
 
 @app.command("import-teacher")
+@_guarded
 def import_teacher(
     mmdet3d_checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
                                                        help="mmdetection3d CenterPoint .pth (voxel 0.1, SECFPN).")],
@@ -117,10 +160,7 @@ def import_teacher(
 
     if out.exists():
         raise _fail(TigbevError(f"{out} exists; choose a new path"))
-    try:
-        model = load_mmdet3d_centerpoint(mmdet3d_checkpoint, box_convention=box_convention)  # type: ignore[arg-type]
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    model = load_mmdet3d_centerpoint(mmdet3d_checkpoint, box_convention=box_convention)  # type: ignore[arg-type]
     save_checkpoint(out, {
         "model": model.state_dict(), "teacher_config": teacher_preset("nuscenes").to_dict(),
         "train_config": {"preset": "nuscenes", "imported_from": str(mmdet3d_checkpoint),
@@ -131,6 +171,7 @@ def import_teacher(
 
 
 @app.command("extract-teacher")
+@_guarded
 def extract_teacher(
     teacher_checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Teacher last.pt.")],
     dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
@@ -154,21 +195,19 @@ def extract_teacher(
     index, _, count = shard.partition("/")
     if not (index.isdigit() and count.isdigit()):
         raise _fail(ValueError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}"))
-    try:
-        cfg = ExtractTeacherConfig(
-            teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out=out, features=features,
-            feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size, workers=workers,
-            device=device, shard_index=int(index), num_parts=int(count),
-        )
-        result = stage.run(cfg)
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    cfg = ExtractTeacherConfig(
+        teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out=out, features=features,
+        feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size, workers=workers,
+        device=device, shard_index=int(index), num_parts=int(count),
+    )
+    result = stage.run(cfg)
     state = "complete" if result.complete else "partial (other parts still running or to run)"
     typer.echo(f"cache {result.url}: wrote {result.samples_written} samples, skipped {result.samples_skipped} "
                f"already done, {result.seconds:.1f} s; {state}")
 
 
 @app.command("train-student")
+@_guarded
 def train_student(
     preset: Annotated[str, typer.Option(help="'demo' (CPU-sized) or 'nuscenes' (TiG-BEV-R50).")],
     dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
@@ -192,7 +231,7 @@ def train_student(
     baseline: Annotated[bool, typer.Option(help="No distillation: detection + dense depth only.")] = False,
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     batch_size: Annotated[int, typer.Option(min=1)] = 2,
-    lr: Annotated[float, typer.Option(min=0.0)] = 2e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW), a finite number > 0.")] = 2e-4,
     workers: Annotated[int, typer.Option(min=0)] = 1,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
@@ -204,21 +243,18 @@ def train_student(
     from tigbev.config import LossWeights, TrainStudentConfig
     from tigbev.stages import train_student as stage
 
-    try:
-        weights = LossWeights.baseline() if baseline else LossWeights(
-            depth=w_depth, inner_depth=w_inner_depth, inter_keypoint=w_keypoint, inter_channel=w_channel,
-            dense_feature=w_dense_feature, self_assessment=w_self_assessment)
-        cfg = TrainStudentConfig(
-            preset=preset, dataroot=dataroot, split=split, out_dir=out, cache=cache,
-            teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
-            teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
-            weights=weights, val_split=val_split,
-            epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
-            augment=not no_augment, max_steps=max_steps, keypoint_grid=keypoint_grid,
-        )
-        result = stage.run(cfg)
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    weights = LossWeights.baseline() if baseline else LossWeights(
+        depth=w_depth, inner_depth=w_inner_depth, inter_keypoint=w_keypoint, inter_channel=w_channel,
+        dense_feature=w_dense_feature, self_assessment=w_self_assessment)
+    cfg = TrainStudentConfig(
+        preset=preset, dataroot=dataroot, split=split, out_dir=out, cache=cache,
+        teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
+        teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
+        weights=weights, val_split=val_split,
+        epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
+        augment=not no_augment, max_steps=max_steps, keypoint_grid=keypoint_grid,
+    )
+    result = stage.run(cfg)
     typer.echo(f"student: {result.steps} steps in {result.seconds:.0f} s ({result.mean_step_s:.2f} s/step), "
                f"checkpoint {result.checkpoint}")
     if result.metrics is not None:
@@ -226,6 +262,7 @@ def train_student(
 
 
 @app.command("evaluate")
+@_guarded
 def evaluate(
     checkpoint: Annotated[Path | None, typer.Argument(help="Teacher or student checkpoint (last.pt).")] = None,
     dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")]
@@ -242,18 +279,16 @@ def evaluate(
 
     if checkpoint is not None and not checkpoint.is_file():
         raise _fail(TigbevError(f"checkpoint not found: {checkpoint}"))
-    try:
-        result = stage.run(stage.EvaluateConfig(checkpoint=checkpoint, dataroot=dataroot, split=split, out_dir=out,
-                                                gt_as_predictions=gt_as_predictions, batch_size=batch_size,
-                                                device=device))
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    result = stage.run(stage.EvaluateConfig(checkpoint=checkpoint, dataroot=dataroot, split=split, out_dir=out,
+                                            gt_as_predictions=gt_as_predictions, batch_size=batch_size,
+                                            device=device))
     m = result.metrics
     typer.echo((out / "metrics.md").read_text())
     typer.echo(f"{split}: mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}  ({result.seconds:.0f} s) -> {out}")
 
 
 @app.command("demo")
+@_guarded
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for every stage's output (reused when rerun).")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option()] = 0,
@@ -265,17 +300,15 @@ def demo(
     """synth -> train-teacher -> extract-teacher -> train-student (baseline, TiG) -> evaluate: the whole chain."""
     from tigbev.pipeline.demo import DemoConfig, run, summary_table
 
-    try:
-        summary = run(DemoConfig(out_dir=out, seed=seed, teacher_epochs=teacher_epochs,
-                                 student_epochs=student_epochs or DemoConfig.student_epochs, workers=workers,
-                                 tiny=tiny))
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    summary = run(DemoConfig(out_dir=out, seed=seed, teacher_epochs=teacher_epochs,
+                             student_epochs=student_epochs or DemoConfig.student_epochs, workers=workers,
+                             tiny=tiny))
     typer.echo(summary_table(summary))
     typer.echo(f"summary: {out / 'summary.json'}")
 
 
 @app.command("ablate")
+@_guarded
 def ablate(
     preset: Annotated[str, typer.Option(help="World and budget: 'demo', the synthetic demo world (the only one).")]
     = "demo",
@@ -295,20 +328,18 @@ def ablate(
         raise _fail(ValueError(
             f"--preset {preset!r}: the ablation runs on the demo world only ('demo'); on real data train one "
             "`tigbev train-student` per row with the --w-* weights and score each with `tigbev evaluate`"))
-    try:
-        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-        kwargs: dict = {} if rows is None else {"rows": tuple(r.strip() for r in rows.split(",") if r.strip())}
-        if student_epochs is not None:
-            kwargs["student_epochs"] = student_epochs
-        result = run(AblateConfig(out_dir=out, seeds=seed_list, teacher_epochs=teacher_epochs, workers=workers,
-                                  tiny=tiny, **kwargs))
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    kwargs: dict = {} if rows is None else {"rows": tuple(r.strip() for r in rows.split(",") if r.strip())}
+    if student_epochs is not None:
+        kwargs["student_epochs"] = student_epochs
+    result = run(AblateConfig(out_dir=out, seeds=seed_list, teacher_epochs=teacher_epochs, workers=workers,
+                              tiny=tiny, **kwargs))
     typer.echo(ablation_table(result))
     typer.echo(f"table: {out / 'ablation.md'}, chart: {out / 'ablation.png'}")
 
 
 @app.command("bench")
+@_guarded
 def bench(
     preset: Annotated[str, typer.Option(help="'demo' (synthetic data by default) or 'nuscenes' (needs --dataroot).")],
     out: Annotated[Path, typer.Option(help="Output directory: bench.json, bench.md, bench.png (and work/).")],
@@ -330,12 +361,9 @@ def bench(
     """Cost of distillation with and without the cache: steps, loader, extraction, storage, growth; side by side."""
     from tigbev.stages.bench import BenchConfig, run
 
-    try:
-        result = run(BenchConfig(preset=preset, out_dir=out, dataroot=dataroot, split=split,  # type: ignore[arg-type]
-                                 teacher_checkpoint=teacher_checkpoint, repeats=repeats, steps=steps,
-                                 samples=samples, device=device, seed=seed, tiny=tiny))
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    result = run(BenchConfig(preset=preset, out_dir=out, dataroot=dataroot, split=split,  # type: ignore[arg-type]
+                             teacher_checkpoint=teacher_checkpoint, repeats=repeats, steps=steps,
+                             samples=samples, device=device, seed=seed, tiny=tiny))
     typer.echo(result.markdown_path.read_text())
     typer.echo(f"wrote {result.json_path}, {result.markdown_path}, {result.plot_path}")
 
@@ -345,14 +373,12 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
+@_guarded
 def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or URL.")]) -> None:
     """Samples, completeness, bytes per sample per array, compression ratio, teacher, grid."""
     from tigbev.stages.cache_tools import cache_info
 
-    try:
-        info = cache_info(cache)
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    info = cache_info(cache)
     typer.echo(f"cache      {info['url']}")
     typer.echo(f"samples    {info['done']} / {info['samples']} done, {'complete' if info['complete'] else 'INCOMPLETE'}")
     typer.echo(f"dataset    {info['version']} split {info['split']}")
@@ -365,9 +391,12 @@ def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or
         typer.echo(f"  {name:<12} {b / 1024:10.1f} KiB/sample")
     typer.echo(f"total      {info['bytes_per_sample_total'] / 1024:.1f} KiB/sample, compression "
                f"{info['compression_ratio']:.2f}x")
+    for writer in info["writers"]:
+        typer.echo(f"writing    {writer}")
 
 
 @cache_app.command("verify")
+@_guarded
 def cache_verify_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or URL.")]) -> None:
     """Read every chunk, check checksums and the index; name each bad sample and array; exit 1 on any fault."""
     from tigbev.stages.cache_tools import verify_cache
@@ -378,22 +407,22 @@ def cache_verify_cmd(cache: Annotated[str, typer.Argument(help="Cache directory 
     if faults:
         typer.echo(f"{len(faults)} fault(s) in {cache}")
         raise typer.Exit(code=1)
-    typer.echo(f"{cache}: OK, every chunk read and checked")
+    typer.echo(f"{cache}: OK, complete: every array and chunk of every sample present, read and checked")
 
 
 @cache_app.command("dump")
+@_guarded
 def cache_dump_cmd(
     cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
     sample: Annotated[str, typer.Option(help="Sample token.")],
-    out: Annotated[Path, typer.Option(help="Output .npz file.")],
+    out: Annotated[Path, typer.Option(help="Output .npz file (new).")],
 ) -> None:
     """Write one sample's cached content as npz (keys documented in tigbev/stages/cache_tools.py)."""
     from tigbev.stages.cache_tools import dump_sample
 
-    try:
-        path = dump_sample(cache, sample, out)
-    except (TigbevError, ValueError) as exc:
-        raise _fail(exc) from None
+    if out.exists():
+        raise _fail(TigbevError(f"--out {out} exists; choose a new path (nothing is overwritten)"))
+    path = dump_sample(cache, sample, out)
     typer.echo(f"wrote {path}")
 
 

@@ -7,6 +7,7 @@ written beside every output (``to_dict``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,12 @@ Preset = Literal["demo", "nuscenes"]
 def _require(condition: bool, cls: str, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{cls}.{field}: {message}")
+
+
+def _finite(value: float, cls: str, field: str, *, positive: bool = False) -> None:
+    """A finite number (NaN and infinity refused), > 0 when ``positive``, else >= 0."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    _require(ok, cls, field, f"must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +75,7 @@ class SynthConfig:
         _require(self.sweeps_per_sample >= 0, name, "sweeps_per_sample", f"must be >= 0, got {self.sweeps_per_sample}")
         _require(self.lidar_azimuth_steps >= 90, name, "lidar_azimuth_steps",
                  f"must be >= 90, got {self.lidar_azimuth_steps}")
-        _require(self.object_density >= 0, name, "object_density", f"must be >= 0, got {self.object_density}")
+        _finite(self.object_density, name, "object_density")
         _require(1 <= self.jpeg_quality <= 100, name, "jpeg_quality", f"must be in [1, 100], got {self.jpeg_quality}")
         _require(self.workers >= 1, name, "workers", f"must be >= 1, got {self.workers}")
 
@@ -126,7 +133,9 @@ class _TrainLoopConfig:
                                                                      f"{self.preset!r}")
         _require(self.epochs >= 1, name, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, name, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, name, "lr", f"must be > 0, got {self.lr}")
+        _finite(self.lr, name, "lr", positive=True)
+        _finite(self.weight_decay, name, "weight_decay")
+        _finite(self.grad_clip, name, "grad_clip", positive=True)
         _require(self.workers >= 0, name, "workers", f"must be >= 0, got {self.workers}")
         _require(self.max_steps is None or self.max_steps >= 1, name, "max_steps", "must be >= 1")
 
@@ -203,6 +212,8 @@ class ExtractTeacherConfig:
         _require(0 <= self.shard_index < self.num_parts, name, "shard_index/num_parts",
                  f"need 0 <= I < N, got {self.shard_index}/{self.num_parts}")
         _require(self.keypoint_grid >= 2, name, "keypoint_grid", "must be >= 2")
+        _finite(self.keypoint_enlarge_m, name, "keypoint_enlarge_m")
+        _finite(self.min_depth_m, name, "min_depth_m")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -226,7 +237,7 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _require(getattr(self, f.name) >= 0, type(self).__name__, f.name, "must be >= 0")
+            _finite(getattr(self, f.name), type(self).__name__, f.name)
 
     @property
     def distills(self) -> bool:
@@ -259,12 +270,14 @@ class SelfAssessmentConfig:
     """Keys through a 1x1 conv + BatchNorm instead of the raw teacher map."""
 
     def __post_init__(self) -> None:
+        for name in ("sequence_weight", "anchor_weight"):
+            _finite(getattr(self, name), "SelfAssessmentConfig", name)
         for name in ("heads", "patch_group", "anchor_cells"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SelfAssessmentConfig.{name} must be >= 1, got {getattr(self, name)}")
         if min(self.patch_hw) < 1:
             raise ValueError(f"SelfAssessmentConfig.patch_hw must be positive, got {self.patch_hw}")
-        if not self.temperature > 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"SelfAssessmentConfig.temperature must be > 0, got {self.temperature}")
 
 

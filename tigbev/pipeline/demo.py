@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tigbev.pipeline.provenance import write_json_atomic
+from tigbev.pipeline.run_dir import check_output_dir
 
 if TYPE_CHECKING:
     from tigbev.config import LossWeights
 
-__all__ = ["DEMO_KEYPOINT_GRID", "DemoConfig", "DemoWorld", "prepare_world", "run", "summary_table",
+__all__ = ["DEMO_KEYPOINT_GRID", "DemoConfig", "DemoWorld", "demo_output", "prepare_world", "run", "summary_table",
            "train_demo_student"]
 
 # 12 x 12 keypoints per box instead of the published 24 x 24: the same formulas at a demo size. On 2 CPU cores the
@@ -40,6 +41,13 @@ class DemoConfig:
     workers: int = 1
     tiny: bool = False
     """A seconds-long configuration (a few samples, a few steps) that exercises every stage: for tests."""
+
+
+def demo_output(name: str) -> bool:
+    """Whether a name in a demo (or ablation) directory is one that demo or ablate writes there."""
+    return (name in ("synth", "teacher", "cache-train", "stages.json", "summary.json", "ablation.json", "ablation.md",
+                     "ablation.png") or name.startswith("student-") or name.startswith(".synth.partial-")
+            or (name.startswith(".") and ".json.tmp" in name))
 
 
 def _timed(stages: dict[str, float], name: str, done: Callable[[], bool], work: Callable[[], Any],
@@ -77,6 +85,7 @@ def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
     from tigbev.stages import extract_teacher, train_teacher
 
     out = cfg.out_dir
+    check_output_dir(out, owns=demo_output, what="tigbev demo / ablate")
     out.mkdir(parents=True, exist_ok=True)
     record = out / "stages.json"
     stages: dict[str, float] = json.loads(record.read_text()) if record.exists() else {}

@@ -2,8 +2,9 @@
 
 One JSON object per line: ``{"kind": "step", "step", "epoch", <named losses>, "lr", ...}`` every ``every`` optimiser
 steps and at the last one, and ``{"kind": "epoch", "epoch", "step", <mean of every named loss over the epoch>}`` at
-the end of each epoch. A resumed run appends to the same file and reads the step records already there back, so
-its loss curve covers the whole run, not only the part after the resume.
+the end of each epoch. A fresh run starts the file anew. A resumed run keeps the records up to the checkpoint it resumes
+from (``resume_step``) and drops the later ones, which the resumed run logs again, so no step appears twice; its
+loss curve covers the whole run, not only the part after the resume.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class TrainingLog:
     after each epoch, :meth:`plot` at the end.
     """
 
-    def __init__(self, path: Path, *, every: int, enabled: bool = True):
+    def __init__(self, path: Path, *, every: int, enabled: bool = True, resume_step: int | None = None):
         if every < 1:
             raise ValueError(f"TrainingLog.every must be >= 1, got {every}")
         self.path, self.every, self.enabled = Path(path), every, enabled
@@ -37,18 +38,28 @@ class TrainingLog:
         self._sums: dict[str, float] = {}
         self._count = 0
         self._file: IO[str] | None = None
-        if enabled and self.path.exists():
-            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+        self._kept: list[str] = []
+        if enabled and resume_step is not None and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            for number, line in enumerate(lines, start=1):
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError as exc:  # e.g. a line cut short by a killed run
+                except json.JSONDecodeError as exc:
+                    if number == len(lines):  # the last line, cut short by a killed run: after the checkpoint
+                        break
                     raise ValueError(f"{self.path}:{number}: not a JSON line ({exc.msg}); move the file away to "
                                      "start a fresh log") from None
+                if rec.get("step", 0) > resume_step:  # logged after the checkpoint: the resumed run redoes it
+                    continue
+                self._kept.append(line)
                 if rec.get("kind") == "step":
                     self._remember(rec["step"], {k: v for k, v in rec.items() if k not in _NOT_LOSSES})
 
     def __enter__(self) -> TrainingLog:
         if self.enabled:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in self._kept))
+            tmp.replace(self.path)  # what is kept, atomically; then append
             self._file = self.path.open("a")
         return self
 

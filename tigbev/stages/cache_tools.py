@@ -90,7 +90,19 @@ def cache_info(url: str) -> dict[str, Any]:
         "bytes_per_sample_total": total_stored / n_done,
         "compression_ratio": total_raw / total_stored if total_stored else float("nan"),
         "format_version": m.format_version,
+        "writers": live_writers(reader.url),
     }
+
+
+def live_writers(url: str) -> list[str]:
+    """The extractions writing this cache now (their live leases), described; nothing is changed."""
+    import time
+
+    from tigbev.cache_lease import WriterLease
+
+    fs, root = fs_and_path(url)
+    now = time.time()
+    return [lease.describe(now) for lease in WriterLease(fs, root, url, []).others(remove_stale=False)]
 
 
 def verify_cache(url: str) -> list[Fault]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tigbev.checkpoint_file import load_weights_only
 from tigbev.data.classes import DETECTION_CLASSES, attribute_from_velocity
 from tigbev.data.nuscenes_reader import LIDAR_CHANNEL, NuScenesReader
 from tigbev.data.results import (
@@ -28,7 +29,9 @@ from tigbev.data.results import (
     write_results,
 )
 from tigbev.errors import TigbevError
+from tigbev.models.student.checkpoint import load_student_checkpoint
 from tigbev.pipeline.provenance import pick_device, write_json_atomic
+from tigbev.pipeline.run_dir import check_output_dir
 
 __all__ = ["EvaluateConfig", "EvaluateResult", "Predictions", "predict_student", "predict_teacher", "run", "score"]
 
@@ -174,11 +177,17 @@ def plot_bev(reader: NuScenesReader, token: str, pred: tuple[np.ndarray, np.ndar
     return path
 
 
+def evaluation_output(name: str) -> bool:
+    """Whether a file or folder name is one that an evaluation writes (what a rerun may replace)."""
+    return name in ("results_nusc.json", "devkit", "metrics.json", "metrics.md") or (
+        name.startswith("bev_") and name.endswith(".png")) or name.startswith(".metrics.json.tmp")
+
+
 def load_student(path: Path, device: torch.device):
     """A student from a train-student checkpoint (weights_only)."""
     from tigbev.models.student.student import CameraStudent, StudentConfig
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_student_checkpoint(path)
     student = CameraStudent(StudentConfig.from_dict(ckpt["student_config"]))
     prefix = "student."
     student.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
@@ -188,7 +197,7 @@ def load_student(path: Path, device: torch.device):
 def run(cfg: EvaluateConfig, *, progress: bool = True) -> EvaluateResult:
     start = time.perf_counter()
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, owns=evaluation_output, what="tigbev evaluate")  # an earlier evaluation is replaced
     if cfg.gt_as_predictions:
         reader = NuScenesReader(cfg.dataroot)
         results, preds = {}, {}
@@ -201,8 +210,9 @@ def run(cfg: EvaluateConfig, *, progress: bool = True) -> EvaluateResult:
         metrics = _finish(reader, cfg.split, path, out, plots=True, bev_samples=cfg.bev_samples, preds=preds)
         return EvaluateResult(metrics=metrics, out_dir=out, seconds=time.perf_counter() - start)
     device = pick_device(cfg.device)
-    fmt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True).get("format") \
-        if cfg.checkpoint.is_file() else None
+    raw = load_weights_only(cfg.checkpoint, what="checkpoint")
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    del raw
     if fmt == "tigbev-teacher/1":
         from tigbev.models.teacher.checkpoint import load_teacher
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tigbev.cache_store import CacheReader
+from tigbev.checkpoint_file import non_finite_tensors, save_atomic
 from tigbev.config import TrainStudentConfig
 from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes, similarity_apply_xy
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
@@ -36,8 +37,10 @@ from tigbev.geometry import BevGrid, box_keypoints_xy
 from tigbev.models.bev_sampling import sample_bev
 from tigbev.models.losses import DenseDepthLoss, DenseFeatureMSE, InnerDepthLoss, InnerFeatureDistillation
 from tigbev.models.self_assessment import SelfAssessmentDistill
+from tigbev.models.student.checkpoint import CHECKPOINT_FORMAT, load_student_checkpoint
 from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+from tigbev.pipeline.run_dir import check_run_dir, config_differences, remove_temporaries
 from tigbev.pipeline.training_log import TrainingLog
 
 __all__ = ["DistillationModel", "StepTimes", "TrainStudentResult", "run", "training_step"]
@@ -45,7 +48,6 @@ __all__ = ["DistillationModel", "StepTimes", "TrainStudentResult", "run", "train
 _LOG_EVERY = 5
 # The teacher's box filter when there is no cache (teacher point range); the nuScenes range of both presets.
 _POINT_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
-CHECKPOINT_FORMAT = "tigbev-student/1"
 
 
 @dataclass(frozen=True)
@@ -241,10 +243,8 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = cfg.out_dir
     ckpt_path = out / "last.pt"
-    if rank == 0:
-        if out.exists() and any(out.iterdir()) and not cfg.resume:
-            raise TigbevError(f"run directory {out} is not empty; pass --resume to continue it or choose a new one")
-        out.mkdir(parents=True, exist_ok=True)
+    # Nothing is written before every input is checked: the run directory, dataset, cache, teacher, checkpoint.
+    resuming = check_run_dir(out, resume=cfg.resume)
     torch.manual_seed(cfg.seed)
     scfg = student_preset(cfg.preset, variant=cfg.variant)
 
@@ -264,9 +264,6 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     elif cfg.teacher == "online":
         online = _OnlineTeacher(cfg.teacher_checkpoint, reader, device)
         teacher_grid, teacher_channels = online.cfg.bev_grid, online.cfg.bev_channels
-    if rank == 0:
-        write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "student": scfg.to_dict(),
-                                                "cache": cache_fingerprint})
 
     dataset = CameraDetectionDataset(
         reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
@@ -276,7 +273,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
     )
     model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
-    if cfg.backbone_weights is not None and not (cfg.resume and ckpt_path.exists()):
+    if cfg.backbone_weights is not None and not resuming:
         from tigbev.models.student.resnet import load_torchvision_weights
 
         load_torchvision_weights(model.student.backbone, cfg.backbone_weights)
@@ -296,14 +293,25 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     epoch0, step = 0, 0
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise TigbevError(f"{ckpt_path} is not a tigbev student checkpoint")
+    if resuming:
+        ckpt = load_student_checkpoint(ckpt_path, map_location=device)
+        differences = config_differences(ckpt["train_config"], cfg.to_dict())
+        saved_cache, this_cache = ({k: v for k, v in (c or {}).items() if k != "url"}
+                                   for c in (ckpt.get("cache"), cache_fingerprint))
+        if saved_cache != this_cache:
+            differences.append("the teacher cache (its teacher or dataset fingerprint) is another one")
+        if differences:
+            raise TigbevError(f"cannot resume {ckpt_path}: this run differs from it in " + "; ".join(differences)
+                              + " (choose a new --out for a new run)")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch0, step = ckpt["epoch"], ckpt["step"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)
+        write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "student": scfg.to_dict(),
+                                                "cache": cache_fingerprint})
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -315,7 +323,8 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     last: dict[str, float] = {}
     th, tw = (teacher_grid.shape_hw if teacher_grid is not None else (0, 0))
     model.train()
-    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, enabled=rank == 0) as log:
+    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, enabled=rank == 0,
+                     resume_step=step if resuming else None) as log:
         for epoch in range(epoch0, cfg.epochs):
             if step >= total_steps:
                 break
@@ -351,16 +360,21 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
                     break
             log.end_epoch(epoch, step)
             if rank == 0:
-                torch.save({
-                    "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "student_config": scfg.to_dict(),
+                state = model.state_dict()
+                bad = non_finite_tensors(state)
+                if bad:  # never save (or overwrite a good last.pt with) weights that are NaN or infinite
+                    raise TigbevError(f"after step {step} {len(bad)} of {len(state)} weight tensors are not finite "
+                                      f"(e.g. {bad[0]}); the learning rate ({cfg.lr:g}) is likely too high; "
+                                      f"{ckpt_path} is left as it was")
+                save_atomic(ckpt_path, {
+                    "format": CHECKPOINT_FORMAT, "model": state, "student_config": scfg.to_dict(),
                     "train_config": cfg.to_dict(), "cache": cache_fingerprint,
                     "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, cache=cfg.cache),
                     # An epoch cut short by max_steps is redone on resume (from its start; steps keep counting).
                     "epoch": epoch + 1 if finished_epoch else epoch, "step": step,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                }, out / ".last.pt.tmp")
-                (out / ".last.pt.tmp").replace(ckpt_path)
+                })
     metrics = None
     log.plot(out / "loss_curve.png", f"camera student ({cfg.preset})")
     if rank == 0:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from tigbev.checkpoint_file import non_finite_tensors
 from tigbev.config import TrainTeacherConfig
 from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.lidar_dataset import LidarDetectionDataset, collate_lidar
@@ -23,6 +24,7 @@ from tigbev.errors import TigbevError
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+from tigbev.pipeline.run_dir import check_run_dir, config_differences, remove_temporaries
 from tigbev.pipeline.training_log import TrainingLog
 from tigbev.stages.evaluate import predict_teacher, score
 
@@ -46,13 +48,11 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     start = time.perf_counter()
     out = cfg.out_dir
     ckpt_path = out / "last.pt"
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise TigbevError(f"run directory {out} is not empty; pass --resume to continue it or choose a new one")
-    out.mkdir(parents=True, exist_ok=True)
+    # Nothing is written before every input is checked: the run directory, the dataset, the checkpoint to resume.
+    resuming = check_run_dir(out, resume=cfg.resume)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     model_cfg = teacher_preset(cfg.preset)
-    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "teacher": model_cfg.to_dict()})
 
     reader = NuScenesReader(cfg.dataroot, num_sweeps=model_cfg.num_sweeps)
     tokens = reader.sample_tokens(cfg.split)
@@ -67,19 +67,23 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=schedule_steps,
                                                     pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
     epoch0, step = 0, 0
-    if cfg.resume and ckpt_path.exists():
+    if resuming:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt["train_config"]["preset"] != cfg.preset:
-            raise TigbevError(f"{ckpt_path} was trained with preset {ckpt['train_config']['preset']!r}, not "
-                              f"{cfg.preset!r}")
+        differences = config_differences(ckpt.get("train_config", {}), cfg.to_dict())
+        if differences:
+            raise TigbevError(f"cannot resume {ckpt_path}: this run differs from it in " + "; ".join(differences)
+                              + " (choose a new --out for a new run)")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch0, step = ckpt["epoch"], ckpt["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "teacher": model_cfg.to_dict()})
 
     last_loss = float("nan")
     model.train()
-    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY) as log:
+    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, resume_step=step if resuming else None) as log:
         for epoch in range(epoch0, cfg.epochs):
             if step >= total_steps:
                 break
@@ -111,8 +115,14 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                 if step >= total_steps:
                     break
             log.end_epoch(epoch, step)
+            state = model.state_dict()
+            bad = non_finite_tensors(state)
+            if bad:  # never save (or overwrite a good last.pt with) weights that are NaN or infinite
+                raise TigbevError(f"after step {step} {len(bad)} of {len(state)} weight tensors are not finite (e.g. "
+                                  f"{bad[0]}); the learning rate ({cfg.lr:g}) is likely too high; {ckpt_path} is "
+                                  "left as it was")
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "teacher_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
+                "model": state, "teacher_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
                 "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)),
                 "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),

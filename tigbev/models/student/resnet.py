@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tigbev.checkpoint_file import CheckpointError, load_weights_only
 from tigbev.errors import TigbevError
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNetName", "WeightsError", "load_torchvision_weights"]
@@ -170,11 +171,9 @@ def load_torchvision_weights(model: ResNet, path: str | os.PathLike[str]) -> Non
     of another shape raises ``WeightsError`` naming the keys; nothing is loaded then.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"backbone weight file not found: {path}") from None
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise WeightsError(f"cannot read backbone weights {path}: {exc}") from exc
+        state = load_weights_only(path, what="backbone weight file")
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} is not a torchvision state dict (a mapping of parameter names to tensors)")
     own = model.state_dict()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tigbev.errors import TigbevError
+from tigbev.checkpoint_file import CheckpointError, load_weights_only, save_atomic
 from tigbev.models.teacher.centerpoint import CenterPoint, TeacherConfig
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "load_teacher", "save_checkpoint"]
@@ -21,28 +21,14 @@ __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "load_teac
 CHECKPOINT_FORMAT = "tigbev-teacher/1"
 
 
-class CheckpointError(TigbevError):
-    """A checkpoint that is missing, unreadable, or of another kind or version."""
-
-
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Write to a temporary sibling, then rename: a crash never leaves a truncated checkpoint behind."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-    tmp.replace(out)
-    return out
+    return save_atomic(path, {"format": CHECKPOINT_FORMAT, **payload})
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"teacher checkpoint not found: {p}")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"cannot read teacher checkpoint {p}: {exc}") from exc
+    ckpt = load_weights_only(p, what="teacher checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{p} is not a tigbev teacher checkpoint (format {found!r}, expected "

@@ -120,8 +120,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from tigbev.checkpoint_file import CheckpointError, load_weights_only, unpickler_reason
 from tigbev.models.teacher.centerpoint import CenterPoint, TeacherConfig, teacher_preset
-from tigbev.models.teacher.checkpoint import CheckpointError
 
 __all__ = [
     "MMDET3D_KEYS_WITHOUT_COUNTERPART",
@@ -449,15 +449,6 @@ def _refused_global(exc: Exception) -> str | None:
     return m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"
 
 
-def _unpickler_reason(exc: Exception) -> str:
-    """torch's weights-only refusal without its advice to retry with ``weights_only=False``."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
-    return " ".join(text.split())
-
-
 def read_mmdet3d_checkpoint(path: str | os.PathLike[str]) -> Any:
     """The object stored in ``path``, read with ``torch.load(weights_only=True)``; if that refuses some pickled
     global (mmcv's ``meta``), a restricted pass binds each refused global to an inert stand-in (module docstring).
@@ -466,14 +457,12 @@ def read_mmdet3d_checkpoint(path: str | os.PathLike[str]) -> Any:
     mmcv ``ConfigDict``) cannot be stood in for, because torch's weights-only unpickler sets items only on plain
     dicts; such a checkpoint is refused with a ``CheckpointError`` (re-save its ``state_dict`` alone)."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"mmdetection3d checkpoint not found: {p}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        first = _refused_global(exc) if isinstance(exc, pickle.UnpicklingError) else None
+        return load_weights_only(p, what="mmdetection3d checkpoint")
+    except CheckpointError as exc:
+        first = _refused_global(exc.__context__) if isinstance(exc.__context__, pickle.UnpicklingError) else None
         if first is None:
-            raise CheckpointError(f"cannot read mmdetection3d checkpoint {p}: {exc}") from exc
+            raise
     if not hasattr(torch.serialization, "safe_globals"):  # old torch: no way to bind stand-ins
         raise CheckpointError(f"{p} pickles {first}, which torch.load(weights_only=True) refuses; the restricted "
                               "reader needs a newer torch (tested with 2.13)")
@@ -489,7 +478,7 @@ def read_mmdet3d_checkpoint(path: str | os.PathLike[str]) -> Any:
             name = _refused_global(exc) if isinstance(exc, pickle.UnpicklingError) else None
             if name is None or name in stand_ins:
                 raise CheckpointError(f"cannot read mmdetection3d checkpoint {p}, even with the foreign objects "
-                                      f"{_listing(stand_ins)} dropped: {_unpickler_reason(exc)}. Re-save "
+                                      f"{_listing(stand_ins)} dropped: {unpickler_reason(exc)}. Re-save "
                                       "its state_dict alone (never load untrusted files without weights_only)"
                                       ) from exc
             stand_ins.append(name)

@@ -25,9 +25,12 @@ def run(cfg: BenchConfig) -> BenchResult:
 
     from tigbev.data.nuscenes_reader import NuScenesReader
     from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
+    from tigbev.pipeline.run_dir import check_output_dir
 
     res = cfg.resolved()
     out = cfg.out_dir
+    check_output_dir(out, owns=lambda name: name in ("work", "bench.json", "bench.md", "bench.png")
+                     or name.startswith(".bench.json.tmp"), what="tigbev bench")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)

@@ -1,0 +1,215 @@
+"""Every CLI failure is one line that names the file, option or sample; --out rules; --resume that continues only
+the same run, with a log that repeats no step and no temporary file left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tigbev.cli import app
+
+SPLIT = "synth_train"
+
+
+class Gadget:  # a class a weights-only load refuses to rebuild
+    pass
+
+
+def _one_line_error(result, *needles: str) -> str:
+    """The CLI failed with exit code 2 and its last words are one line, an error naming each needle (progress bars
+    of the work done before the failure may come first)."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert "Traceback" not in result.output and "weights_only=False" not in result.output
+    return errors[0]
+
+
+def _student_args(root: Path, cache: str, out: Path, *extra: str) -> list[str]:
+    return ["train-student", "--preset", "demo", "--dataroot", str(root), "--split", SPLIT, "--out", str(out),
+            "--cache", cache, "--epochs", "2", "--batch-size", "1", "--workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    files = {"empty": d / "empty.pt", "truncated": d / "truncated.pt", "garbage": d / "garbage.pt",
+             "untrusted": d / "untrusted.pt"}
+    files["empty"].write_bytes(b"")
+    torch.save({"format": "tigbev-student/1", "model": {"w": torch.zeros(1000)}}, files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:300])
+    files["garbage"].write_bytes(b"not a checkpoint at all" * 10)
+    torch.save({"format": "tigbev-student/1", "gadget": Gadget()}, files["untrusted"])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "untrusted"])
+def test_broken_or_untrusted_checkpoints_are_one_line_everywhere(kind: str, bad_files: dict[str, Path],
+                                                                 synth_root: Path, synth_cache: str,
+                                                                 tmp_path: Path) -> None:
+    bad = bad_files[kind]
+    runner = CliRunner()
+    _one_line_error(runner.invoke(app, ["evaluate", str(bad), "--dataroot", str(synth_root), "--split", "synth_val",
+                                        "--out", str(tmp_path / "eval")]), str(bad))
+    _one_line_error(runner.invoke(app, ["extract-teacher", "--teacher-checkpoint", str(bad), "--dataroot",
+                                        str(synth_root), "--split", SPLIT, "--out", str(tmp_path / "cache")]),
+                    "teacher checkpoint", str(bad))
+    _one_line_error(runner.invoke(app, _student_args(synth_root, synth_cache, tmp_path / "bb", "--backbone-weights",
+                                                     str(bad), "--max-steps", "1")), str(bad))
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(bad, run / "last.pt")
+    line = _one_line_error(runner.invoke(app, _student_args(synth_root, synth_cache, run, "--resume")),
+                           "student checkpoint", str(run / "last.pt"))
+    if kind == "untrusted":
+        assert "never unpickles" in line and "Gadget" in line
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["last.pt"]  # nothing written next to it
+
+
+@pytest.mark.parametrize("option,value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"), ("--w-keypoint", "inf"),
+                                          ("--w-depth", "nan")])
+def test_non_finite_or_non_positive_numbers_are_refused_before_anything_is_written(
+        option: str, value: str, synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, _student_args(synth_root, synth_cache, out, option, value))
+    _one_line_error(result, "finite", value if value != "0" else "> 0")
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_a_foreign_directory_is_refused(synth_root: Path, synth_cache: str,
+                                                              tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    runner = CliRunner()
+    _one_line_error(runner.invoke(app, _student_args(synth_root, synth_cache, a_file)), str(a_file), "is a file")
+    _one_line_error(runner.invoke(app, ["train-teacher", "--preset", "demo", "--dataroot", str(synth_root), "--split",
+                                        SPLIT, "--out", str(a_file)]), "is a file")
+    _one_line_error(runner.invoke(app, ["evaluate", "--gt-as-predictions", "--dataroot", str(synth_root), "--split",
+                                        "synth_val", "--out", str(a_file)]), "is a file")
+    _one_line_error(runner.invoke(app, ["demo", "--out", str(a_file), "--tiny"]), "is a file")
+    assert a_file.read_text() == "mine"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    _one_line_error(runner.invoke(app, _student_args(synth_root, synth_cache, foreign)), "notes.txt")
+    _one_line_error(runner.invoke(app, ["evaluate", "--gt-as-predictions", "--dataroot", str(synth_root), "--split",
+                                        "synth_val", "--out", str(foreign)]), "notes.txt")
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    # An earlier evaluation is what evaluate may replace.
+    ev = tmp_path / "ev"
+    args = ["evaluate", "--gt-as-predictions", "--dataroot", str(synth_root), "--split", "synth_val", "--out", str(ev)]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    dump = tmp_path / "s.npz"
+    dump.write_text("mine")
+    _one_line_error(runner.invoke(app, ["cache", "dump", synth_cache, "--sample", "x", "--out", str(dump)]),
+                    "exists")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, bad_files: dict[str, Path], synth_root: Path) -> None:
+    result = CliRunner().invoke(app, ["--debug", "evaluate", str(bad_files["garbage"]), "--dataroot", str(synth_root),
+                                      "--split", "synth_val", "--out", str(tmp_path / "e")])
+    assert result.exit_code != 0 and result.exception is not None
+    assert "not a torch checkpoint" in str(result.exception)
+
+
+def test_resume_rules_and_a_log_without_repeated_steps(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "run"
+    # What a run that failed before its first checkpoint leaves behind does not block the same command.
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "epoch": 0, "total": 9.0}\n')
+    first = runner.invoke(app, _student_args(synth_root, synth_cache, out, "--max-steps", "3"))
+    assert first.exit_code == 0, first.output
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["epoch"] == 1
+    # Without --resume the finished run is not overwritten.
+    _one_line_error(runner.invoke(app, _student_args(synth_root, synth_cache, out, "--max-steps", "4")), "--resume")
+    # Another variant, loss weight or cache is another run: refused, naming the field.
+    _one_line_error(runner.invoke(app, _student_args(synth_root, synth_cache, out, "--variant", "bevdet",
+                                                     "--resume")),
+                    "cannot resume", "variant: checkpoint has 'bevdepth', this run has 'bevdet'")
+    _one_line_error(runner.invoke(app, _student_args(synth_root, synth_cache, out, "--w-channel", "5", "--resume")),
+                    "weights.inter_channel: checkpoint has 10.0, this run has 5.0")
+    # A cache of another teacher (same dataset) is another run too.
+    from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
+    from tigbev.models.teacher.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    other_teacher = save_checkpoint(tmp_path / "other-teacher.pt", {
+        "model": CenterPoint(teacher_preset("demo")).state_dict(), "teacher_config": teacher_preset("demo").to_dict()})
+    other_cache = tmp_path / "other-cache"
+    proc = subprocess.run([sys.executable, "-m", "tigbev.cli", "extract-teacher", "--teacher-checkpoint",
+                           str(other_teacher), "--dataroot", str(synth_root), "--split", SPLIT, "--out",
+                           str(other_cache), "--workers", "0", "--device", "cpu"], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _one_line_error(runner.invoke(app, _student_args(synth_root, str(other_cache), out, "--resume")),
+                    "the teacher cache")
+    # A run killed mid-epoch: it had logged steps past its checkpoint and left a temporary checkpoint file.
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "step", "step": 5, "epoch": 1, "total": 1.0}) + "\n")
+    (out / ".last.pt.tmp-12345").write_bytes(b"half a checkpoint")
+    resumed = runner.invoke(app, _student_args(synth_root, synth_cache, out, "--resume", "--max-steps", "6"))
+    assert resumed.exit_code == 0, resumed.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and 9.0 not in [r.get("total") for r in records]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
+
+
+def test_training_that_diverges_never_saves_non_finite_weights(synth_root: Path, synth_cache: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from tigbev.stages import train_student
+
+    real_step = train_student.training_step
+
+    def poisoned(model, *args, **kwargs):  # a step that leaves a NaN weight behind, as a too-high rate would
+        out = real_step(model, *args, **kwargs)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.is_floating_point()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(train_student, "training_step", poisoned)
+    out = tmp_path / "run"
+    line = _one_line_error(CliRunner().invoke(app, _student_args(synth_root, synth_cache, out, "--max-steps", "1")),
+                           "not finite", "left as it was")
+    assert "learning rate" in line and not (out / "last.pt").exists()
+
+
+def test_disk_full_during_extraction_is_one_line_and_resumable(demo_teacher_ckpt: Path, synth_root: Path,
+                                                               tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = disk / "cache"
+        args = ["extract-teacher", "--teacher-checkpoint", str(demo_teacher_ckpt), "--dataroot", str(synth_root),
+                "--split", SPLIT, "--out", str(out), "--workers", "0", "--device", "cpu", "--shard-samples", "1",
+                "--batch-size", "1", "--features", "dense"]
+        line = _one_line_error(CliRunner().invoke(app, args), "No space left on device", str(out))
+        assert "rerun the same command to resume" in line
+        subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 0 and "complete" in done.output, done.output
+        from tigbev.stages.cache_tools import verify_cache
+
+        assert verify_cache(str(out)) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
