@@ -96,8 +96,27 @@ def test_tiny_ablation_from_scratch(tmp_path: Path) -> None:
     assert "TiG-BEV" in result.output
 
 
-def test_ablate_refuses_presets_other_than_demo(tmp_path: Path) -> None:
+def test_ablate_refuses_presets_other_than_the_synthetic_worlds(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["ablate", "--preset", "nuscenes", "--out", str(tmp_path / "a")])
     assert result.exit_code == 2
-    assert "demo world only" in result.output
+    assert "synthetic worlds only" in result.output
     assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def test_tiny_study_world_pretrains_one_backbone_that_every_row_starts_from(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    args = ["ablate", "--preset", "study", "--out", str(out), "--tiny", "--workers", "0", "--seeds", "0",
+            "--rows", "depth,inter_keypoint"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    backbone = out / "pretrain" / "backbone.pth"
+    assert backbone.is_file() and (out / "pretrain" / "eval.json").is_file()
+    for key in ("depth", "inter_keypoint"):
+        cfg = json.loads((out / f"student-ablate-{key}-s0" / "config.json").read_text())["train"]
+        assert cfg["backbone_weights"] == str(backbone)
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["preset"] == "study" and "pretrain-backbone" in table["stages"]
+    stamp = backbone.stat().st_mtime_ns
+    again = CliRunner().invoke(app, args)  # every stage and row is reused
+    assert again.exit_code == 0, again.output
+    assert backbone.stat().st_mtime_ns == stamp

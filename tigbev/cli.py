@@ -143,6 +143,39 @@ def train_teacher(
         typer.echo(f"{val_split}: mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
 
 
+@app.command("pretrain-backbone")
+@_guarded
+def pretrain_backbone(
+    preset: Annotated[str, typer.Option(help="Student preset whose backbone is pretrained: 'demo' or 'nuscenes'.")],
+    dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Synthetic dataroot (tigbev synth).")],
+    split: Annotated[str, typer.Option(help="Training split.")],
+    out: Annotated[Path, typer.Option(help="Run directory (new, or an existing one with --resume).")],
+    val_split: Annotated[str | None, typer.Option(help="Report per-cell depth and class accuracy on this split.")]
+    = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Camera images per step.")] = 12,
+    lr: Annotated[float, typer.Option(help="Peak one-cycle learning rate, a finite number > 0.")] = 2e-3,
+    workers: Annotated[int, typer.Option(min=0)] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    no_augment: Annotated[bool, typer.Option(help="Disable image augmentation.")] = False,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
+) -> None:
+    """Pretrain the student's ResNet on the renderer's per-pixel depth and class; writes OUT/backbone.pth for
+    train-student --backbone-weights (one pretraining per world, shared by every student)."""
+    from tigbev.config import PretrainBackboneConfig
+    from tigbev.stages import pretrain_backbone as stage
+
+    result = stage.run(PretrainBackboneConfig(
+        preset=preset, dataroot=dataroot, split=split, out_dir=out, val_split=val_split, epochs=epochs,
+        batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
+        augment=not no_augment, max_steps=max_steps))
+    typer.echo(f"pretrained: {result.steps} steps in {result.seconds:.0f} s, backbone {result.backbone}")
+    if result.metrics is not None:
+        typer.echo("  ".join(f"{k} {v:.3f}" for k, v in result.metrics.items()))
+
+
 @app.command("import-teacher")
 @_guarded
 def import_teacher(
@@ -310,30 +343,28 @@ def demo(
 @app.command("ablate")
 @_guarded
 def ablate(
-    preset: Annotated[str, typer.Option(help="World and budget: 'demo', the synthetic demo world (the only one).")]
-    = "demo",
+    preset: Annotated[str, typer.Option(help="World and budget: 'demo' (tigbev demo's world) or 'study' (1000 train "
+                                             "/ 200 val samples, pretrained backbone).")] = "demo",
     out: Annotated[Path, typer.Option(help="Directory for the world and every row (shared with `tigbev demo`).")]
     = Path("runs/ablate"),
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; the table shows their mean.")] = "0,1",
     rows: Annotated[str | None, typer.Option(help="Comma-separated row keys (default: all).")] = None,
-    teacher_epochs: Annotated[int, typer.Option(min=1)] = 12,
-    student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the demo's.")] = None,
+    teacher_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the preset's.")] = None,
+    student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the preset's.")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 1,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every row.")] = False,
 ) -> None:
     """The paper's ablation in miniature: each loss component added in turn, same seeds and budget, evaluated."""
     from tigbev.pipeline.ablate import AblateConfig, ablation_table, run
 
-    if preset != "demo":
+    if preset not in ("demo", "study"):
         raise _fail(ValueError(
-            f"--preset {preset!r}: the ablation runs on the demo world only ('demo'); on real data train one "
-            "`tigbev train-student` per row with the --w-* weights and score each with `tigbev evaluate`"))
+            f"--preset {preset!r}: the ablation runs on synthetic worlds only ('demo' or 'study'); on real data "
+            "train one `tigbev train-student` per row with the --w-* weights and score each with `tigbev evaluate`"))
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     kwargs: dict = {} if rows is None else {"rows": tuple(r.strip() for r in rows.split(",") if r.strip())}
-    if student_epochs is not None:
-        kwargs["student_epochs"] = student_epochs
-    result = run(AblateConfig(out_dir=out, seeds=seed_list, teacher_epochs=teacher_epochs, workers=workers,
-                              tiny=tiny, **kwargs))
+    result = run(AblateConfig(out_dir=out, preset=preset, seeds=seed_list, teacher_epochs=teacher_epochs,
+                              student_epochs=student_epochs, workers=workers, tiny=tiny, **kwargs))
     typer.echo(ablation_table(result))
     typer.echo(f"table: {out / 'ablation.md'}, chart: {out / 'ablation.png'}")
 

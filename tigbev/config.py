@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "SelfAssessmentConfig", "SynthConfig", "TrainStudentConfig",
+__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "PretrainBackboneConfig", "SelfAssessmentConfig", "SynthConfig", "TrainStudentConfig",
            "TrainTeacherConfig", "train_teacher_defaults"]
 
 Preset = Literal["demo", "nuscenes"]
@@ -58,10 +58,16 @@ class SynthConfig:
     """JPEG quality of the camera images."""
     workers: int = 2
     """Processes that render scenes in parallel (scenes are independent)."""
+    render_labels: bool = True
+    """Also write what the renderer knows of each camera image (per-pixel depth and class) under ``renderer/``:
+    the targets of ``tigbev pretrain-backbone``."""
+    label_stride: int = 4
+    """Pixels between the label samples kept (every ``label_stride``-th pixel in both directions)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        _require(self.label_stride >= 1, name, "label_stride", f"must be >= 1, got {self.label_stride}")
         _require(self.scenes >= 1, name, "scenes", f"must be >= 1, got {self.scenes}")
         _require(self.samples_per_scene >= 2, name, "samples_per_scene",
                  f"must be >= 2 so that every annotation has a linked neighbour (velocity), got "
@@ -166,6 +172,18 @@ def train_teacher_defaults(preset: Preset) -> dict[str, Any]:
         case "nuscenes":
             return {"epochs": 20, "batch_size": 4, "lr": 1e-4}
     raise ValueError(f"unknown preset {preset!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainBackboneConfig(_TrainLoopConfig):
+    """Pretraining of the student's image backbone on the synthetic renderer's per-pixel depth and class
+    (``tigbev pretrain-backbone``): one-cycle AdamW; ``augment``: the student's image augmentation.
+    ``batch_size`` counts camera images (6 per sample)."""
+
+    epochs: int = 4
+    batch_size: int = 12
+    lr: float = 2e-3
+    grad_clip: float = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)

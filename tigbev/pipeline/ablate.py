@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tigbev.config import LossWeights
-from tigbev.pipeline.demo import DemoConfig, prepare_world, train_demo_student
+from tigbev.pipeline.demo import DemoConfig, prepare_world, train_demo_student, world_preset
 from tigbev.pipeline.provenance import write_json_atomic
 
 __all__ = ["ABLATION_ROWS", "HEADLINES", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table",
@@ -83,15 +83,21 @@ _DEMO_STUDENTS = {"depth": "baseline", "inter_keypoint": "tig"}
 @dataclass(frozen=True, kw_only=True)
 class AblateConfig:
     out_dir: Path
+    preset: str = "demo"
+    """World and budget (:func:`tigbev.pipeline.demo.world_preset`): ``demo`` (tigbev demo's world, shared with it)
+    or ``study`` (1000 train / 200 val samples, a pretrained backbone)."""
     seeds: tuple[int, ...] = (0, 1)
-    teacher_epochs: int = 12
-    student_epochs: int = DemoConfig.student_epochs
+    teacher_epochs: int | None = None
+    """Default: the preset's."""
+    student_epochs: int | None = None
+    """Default: the preset's."""
     workers: int = 1
     rows: tuple[str, ...] = tuple(r.key for r in ABLATION_ROWS)
     """Row keys to train (default: all); the table keeps ABLATION_ROWS' order."""
     tiny: bool = False
 
     def __post_init__(self) -> None:
+        world_preset(self.preset)  # names an unknown preset
         known = {r.key for r in ABLATION_ROWS}
         unknown = [r for r in self.rows if r not in known]
         if unknown:
@@ -102,8 +108,10 @@ class AblateConfig:
 
 def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every row for every seed (reusing finished ones); write the table and the chart."""
-    demo = DemoConfig(out_dir=cfg.out_dir, seed=cfg.seeds[0], teacher_epochs=cfg.teacher_epochs,
-                      student_epochs=cfg.student_epochs, workers=cfg.workers, tiny=cfg.tiny)
+    overrides = {k: v for k, v in (("teacher_epochs", cfg.teacher_epochs), ("student_epochs", cfg.student_epochs))
+                 if v is not None}
+    demo = DemoConfig(out_dir=cfg.out_dir, seed=cfg.seeds[0], workers=cfg.workers, tiny=cfg.tiny,
+                      **{**world_preset(cfg.preset), **overrides})
     world = prepare_world(demo, progress=progress)
     rows: list[dict[str, Any]] = []
     for row in ABLATION_ROWS:
@@ -112,7 +120,7 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
         per_seed = []
         for seed in cfg.seeds:
             # The demo's two students are rows of this table (same weights, source, seed and budget): reused.
-            name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed else None
+            name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed and cfg.preset == "demo" else None
             m = train_demo_student(demo, world, name or f"ablate-{row.key}-s{seed}", row.weights, row.source,
                                    seed=seed, progress=progress)
             per_seed.append({k: m[k] for k in (*_METRICS, "step_s")})
@@ -121,7 +129,7 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
         rows.append({"key": row.key, "label": row.label, "source": row.source,
                      "weights": dataclasses.asdict(row.weights), "mean": summary, "half_range": spread,
                      "per_seed": dict(zip(map(str, cfg.seeds), per_seed)), "published": PUBLISHED.get(row.key, "")})
-    result = {"seeds": list(cfg.seeds), "student_epochs": cfg.student_epochs, "rows": rows,
+    result = {"preset": cfg.preset, "seeds": list(cfg.seeds), "student_epochs": demo.student_epochs, "rows": rows,
               "stages": world.stages}
     result["headlines"] = headline_deltas(result)
     write_json_atomic(cfg.out_dir / "ablation.json", result)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from tigbev.config import LossWeights
 
 __all__ = ["DEMO_KEYPOINT_GRID", "DemoConfig", "DemoWorld", "demo_output", "prepare_world", "run", "summary_table",
-           "train_demo_student"]
+           "train_demo_student", "world_preset"]
 
 # 12 x 12 keypoints per box instead of the published 24 x 24: the same formulas at a demo size. On 2 CPU cores the
 # 576 x 576 Gram matrices of ~30 boxes per sample cost more than the student itself (16x less at 144 keypoints).
@@ -38,14 +38,32 @@ class DemoConfig:
     student_augment: bool = False
     """Both students train from scratch on 100 samples for 300 steps: at this budget augmentation only slows them
     down (the published schedule augments over 24 epochs of 28k samples), and 2e-3 learns faster than 1e-3."""
+    student_warmup_steps: int = 30
+    pretrain_epochs: int = 0
+    """Epochs of ``tigbev pretrain-backbone`` on the world's train split (0: students start from random weights)."""
+    synth: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the synthetic world's SynthConfig (scenes, val_scenes, ...); empty: the demo's 100 + 20."""
     workers: int = 1
     tiny: bool = False
     """A seconds-long configuration (a few samples, a few steps) that exercises every stage: for tests."""
 
 
+def world_preset(name: str) -> dict[str, Any]:
+    """DemoConfig fields of a named world and budget: ``demo`` (tigbev demo's) or ``study`` (the ablation's)."""
+    match name:
+        case "demo":
+            return {}
+        case "study":
+            # 1000 train samples seen about once each, 200 val samples; a backbone pretrained on the renderer's
+            # depth and classes; the teacher sees each train sample twice.
+            return {"synth": {"scenes": 120, "val_scenes": 20}, "teacher_epochs": 2, "pretrain_epochs": 1,
+                    "student_epochs": 1, "student_lr": 2e-3, "student_augment": False}
+    raise ValueError(f"unknown world preset {name!r}; choose 'demo' or 'study'")
+
+
 def demo_output(name: str) -> bool:
     """Whether a name in a demo (or ablation) directory is one that demo or ablate writes there."""
-    return (name in ("synth", "teacher", "cache-train", "stages.json", "summary.json", "ablation.json", "ablation.md",
+    return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json", "ablation.json", "ablation.md",
                      "ablation.png") or name.startswith("student-") or name.startswith(".synth.partial-")
             or (name.startswith(".") and ".json.tmp" in name))
 
@@ -72,6 +90,8 @@ class DemoWorld:
     data: Path
     teacher_dir: Path
     cache: Path
+    backbone: Path | None
+    """The pretrained student backbone (``pretrain/backbone.pth``), or None without pretraining."""
     stages: dict[str, float]
     """Stage name -> seconds (kept across reruns in ``out_dir/stages.json``)."""
     record: Path
@@ -93,7 +113,8 @@ def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
     tiny_synth = {"scenes": 2, "samples_per_scene": 3, "val_scenes": 1, "image_width": 192, "image_height": 108,
                   "lidar_azimuth_steps": 360, "sweeps_per_sample": 1, "workers": 1}
     _timed(stages, "synth", lambda: (data / "synth_config.json").exists(),
-           lambda: write_synthetic_dataset(SynthConfig(out_dir=data, seed=cfg.seed, **(tiny_synth if cfg.tiny else {})),
+           lambda: write_synthetic_dataset(SynthConfig(out_dir=data, seed=cfg.seed,
+                                                       **(tiny_synth if cfg.tiny else cfg.synth)),
                                            progress=progress), record)
 
     teacher_dir = out / "teacher"
@@ -119,7 +140,21 @@ def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
                teacher_checkpoint=teacher_dir / "last.pt", dataroot=data, split="synth_train", out=str(cache),
                workers=cfg.workers, shard_samples=2 if cfg.tiny else 8, batch_size=2,
                keypoint_grid=DEMO_KEYPOINT_GRID), progress=progress), record)
-    return DemoWorld(data=data, teacher_dir=teacher_dir, cache=cache, stages=stages, record=record)
+    backbone = None
+    if cfg.pretrain_epochs > 0:
+        from tigbev.config import PretrainBackboneConfig
+        from tigbev.stages import pretrain_backbone
+
+        pretrain_dir = out / "pretrain"
+        backbone = pretrain_dir / "backbone.pth"
+        _timed(stages, "pretrain-backbone", lambda: (pretrain_dir / "eval.json").exists(),
+               lambda: pretrain_backbone.run(PretrainBackboneConfig(
+                   preset="demo", dataroot=data, split="synth_train", out_dir=pretrain_dir, val_split="synth_val",
+                   epochs=cfg.pretrain_epochs, workers=cfg.workers, seed=cfg.seed,
+                   max_steps=2 if cfg.tiny else None, resume=(pretrain_dir / "last.pt").exists()),
+                   progress=progress), record)
+    return DemoWorld(data=data, teacher_dir=teacher_dir, cache=cache, backbone=backbone, stages=stages,
+                     record=record)
 
 
 def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: LossWeights,
@@ -137,8 +172,8 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
             preset="demo", dataroot=world.data, split="synth_train", out_dir=run_dir, val_split="synth_val",
             cache=str(world.cache) if source == "cache" else None, teacher=source,
             teacher_checkpoint=world.teacher_dir / "last.pt" if source == "online" else None, weights=weights,
-            keypoint_grid=DEMO_KEYPOINT_GRID,
-            epochs=cfg.student_epochs, batch_size=2, lr=cfg.student_lr, warmup_steps=30,
+            keypoint_grid=DEMO_KEYPOINT_GRID, backbone_weights=world.backbone,
+            epochs=cfg.student_epochs, batch_size=2, lr=cfg.student_lr, warmup_steps=cfg.student_warmup_steps,
             augment=cfg.student_augment, workers=cfg.workers, seed=cfg.seed if seed is None else seed,
             max_steps=2 if cfg.tiny else None, resume=(run_dir / "last.pt").exists()), progress=progress)
         write_json_atomic(run_dir / "timing.json", {"step_s": result.mean_step_s, "steps": result.steps})

@@ -17,7 +17,8 @@ from numpy.typing import NDArray
 from tigbev.geometry import box_corners, invert_pose, transform_points
 from tigbev.data.synth.world import ROAD_EDGES, SIDEWALK_FROM, Scene
 
-__all__ = ["CameraModel", "Hits", "LidarModel", "cast_lidar", "render_camera"]
+__all__ = ["LABEL_GROUND", "LABEL_OBJECT0", "LABEL_SKY", "CameraModel", "CameraRender", "Hits", "LidarModel", "cast_lidar",
+           "render_camera"]
 
 _NO_HIT = -1
 
@@ -249,9 +250,26 @@ def _camera_windows(cam: CameraModel, cam_from_global: NDArray[np.float64], part
     return windows
 
 
+LABEL_SKY = 0
+LABEL_GROUND = 1
+LABEL_OBJECT0 = 2
+"""Per-pixel classes of a render: 0 nothing (sky), 1 the ground, 2 + k an object of DETECTION_CLASSES[k]."""
+
+
+@dataclass(frozen=True)
+class CameraRender:
+    """What the renderer knows of one camera image, pixel by pixel."""
+
+    rgb: NDArray[np.uint8]  # (H, W, 3)
+    depth_m: NDArray[np.float32]  # (H, W) along the optical axis (camera z), inf where nothing was hit
+    label: NDArray[np.uint8]  # (H, W) LABEL_SKY, LABEL_GROUND, or LABEL_OBJECT0 + detection class index
+
+
 def render_camera(scene: Scene, t_s: float, global_from_cam: NDArray[np.float64], cam: CameraModel,
-                  rng: np.random.Generator) -> NDArray[np.uint8]:
-    """The camera's (H, W, 3) uint8 RGB image of the scene at time t."""
+                  rng: np.random.Generator) -> CameraRender:
+    """The camera's image of the scene at time t, with its per-pixel depth and class."""
+    from tigbev.data.classes import DETECTION_CLASSES
+
     parts, owners = scene.parts_at(t_s)
     dirs = cam.directions() @ global_from_cam[:3, :3].T
     origin = global_from_cam[:3, 3]
@@ -274,7 +292,15 @@ def render_camera(scene: Scene, t_s: float, global_from_cam: NDArray[np.float64]
     fade = np.where(seen, 1.0 - np.exp(-np.where(seen, hits.t, 0.0) / 220.0), 0.0)[..., None]
     img = (1 - fade) * img + fade * np.array([0.80, 0.85, 0.90])
     img += rng.normal(0.0, 0.012, img.shape)  # sensor noise
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    rgb = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    z_axis = cam.directions()[..., 2]  # the ray's component along the optical axis (camera frame)
+    depth = np.where(seen, np.where(seen, hits.t, 0.0) * z_axis, np.inf).astype(np.float32)
+    label = np.full(seen.shape, LABEL_SKY, dtype=np.uint8)
+    label[hits.ground] = LABEL_GROUND
+    if obj.any():
+        class_of_object = np.array([LABEL_OBJECT0 + DETECTION_CLASSES.index(o.cls) for o in scene.objects], np.uint8)
+        label[obj] = class_of_object[owners[hits.part[obj]]]
+    return CameraRender(rgb=rgb, depth_m=depth, label=label)
 
 
 # --------------------------------------------------------------------------------------------------- ground

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from tigbev.config import SynthConfig
 from tigbev.data.classes import ATTRIBUTES
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL
-from tigbev.data.synth.raycast import CameraModel, LidarModel, cast_lidar, render_camera
+from tigbev.data.synth.raycast import CameraModel, CameraRender, LidarModel, cast_lidar, render_camera
 from tigbev.data.synth.world import Scene, make_scene
 from tigbev.errors import DatasetError
 from tigbev.geometry import (
@@ -42,7 +42,7 @@ from tigbev.geometry import (
     transform_boxes,
 )
 
-__all__ = ["SYNTH_VERSION", "SynthResult", "write_synthetic_dataset"]
+__all__ = ["SYNTH_VERSION", "SynthResult", "render_label_path", "write_synthetic_dataset"]
 
 SYNTH_VERSION = "v1.0-synth"
 SAMPLE_PERIOD_US = 500_000  # nuScenes key frames are annotated at 2 Hz
@@ -149,6 +149,23 @@ def _pose_record(token: str, timestamp: int, pose: NDArray[np.float64]) -> dict[
             "translation": pose[:3, 3].tolist()}
 
 
+def render_label_path(image_filename: str) -> str:
+    """Where the renderer's labels of a camera image (``samples/<channel>/<name>.jpg``) are written, relative to the
+    dataroot: ``renderer/<channel>/<name>.npz``. Outside the nuScenes tables: devkit and readers ignore it."""
+    channel, name = image_filename.split("/")[-2:]
+    return f"renderer/{channel}/{name.rsplit('.', 1)[0]}.npz"
+
+
+def _write_labels(path: Path, render: CameraRender, stride: int) -> None:
+    """Per-pixel depth (float16 m, inf: sky) and class (uint8, raycast.LABEL_*) at pixels (offset + stride * i):
+    a pixel grid every ``stride`` pixels, starting at ``stride // 2``, in original image pixels."""
+    offset = stride // 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, depth_m=render.depth_m[offset::stride, offset::stride].astype(np.float16),
+                        label=render.label[offset::stride, offset::stride], stride=np.int64(stride),
+                        offset=np.int64(offset))
+
+
 def _write_jpeg(path: Path, rgb: NDArray[np.uint8], quality: int) -> None:
     from PIL import Image
 
@@ -225,9 +242,12 @@ def _render_scene(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, lis
             t_s = (ts - start_us) * 1e-6
             ego_from_cam, k = calib[channel]
             global_from_cam = scene.ego_pose_at(t_s) @ ego_from_cam
-            image = render_camera(scene, t_s, global_from_cam, CameraModel(cfg.image_width, cfg.image_height, k), rng)
+            render = render_camera(scene, t_s, global_from_cam, CameraModel(cfg.image_width, cfg.image_height, k),
+                                   rng)
             filename = f"samples/{channel}/{log_name}__{channel}__{ts}.jpg"
-            _write_jpeg(root / filename, image, cfg.jpeg_quality)
+            _write_jpeg(root / filename, render.rgb, cfg.jpeg_quality)
+            if cfg.render_labels:
+                _write_labels(root / render_label_path(filename), render, cfg.label_stride)
             token = tok("sd", channel, ts)
             rows["ego_pose"].append(_pose_record(token, ts, scene.ego_pose_at(t_s)))
             camera_records[channel].append({
