@@ -1,0 +1,85 @@
+"""What each lever of the study configuration buys: one student trained per (lever, row, seed) on the study world.
+
+    python benchmarks/study_levers.py --out runs/study --levers reference,no_pretrain,augment --rows depth,inter_keypoint
+        [--seeds 0] [--workers 1]
+
+Uses (or first builds) the world of ``tigbev ablate --preset study --out OUT`` (synth, teacher, cache, pretrained
+backbone) and trains each lever's variant of the study budget as ``OUT/student-lever-<lever>-<row>-s<seed>``.
+Finished students are reused on rerun, so the table grows across sessions. Writes ``OUT/levers.json`` and
+``OUT/levers.md`` (mAP, NDS, mATE, mAOE and the step time per lever and row; mean over the seeds given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from tigbev.pipeline.ablate import ABLATION_ROWS
+from tigbev.pipeline.demo import DemoConfig, DemoWorld, prepare_world, train_demo_student, world_preset
+from tigbev.pipeline.provenance import write_json_atomic
+
+Lever = Callable[[DemoConfig, DemoWorld], tuple[DemoConfig, DemoWorld]]
+LEVERS: dict[str, tuple[str, Lever]] = {
+    "reference": ("the study budget as it is", lambda c, w: (c, w)),
+    "no_pretrain": ("random initial backbone (no pretraining)", lambda c, w: (c, dataclasses.replace(w, backbone=None))),
+    "augment": ("image augmentation and BDA on", lambda c, w: (dataclasses.replace(c, student_augment=True), w)),
+    "lr_1e-3": ("learning rate 1e-3", lambda c, w: (dataclasses.replace(c, student_lr=1e-3), w)),
+    "lr_4e-3": ("learning rate 4e-3", lambda c, w: (dataclasses.replace(c, student_lr=4e-3), w)),
+    "epochs_2": ("two epochs (twice the steps)", lambda c, w: (dataclasses.replace(c, student_epochs=2), w)),
+}
+_METRICS = ("mAP", "NDS", "mATE", "mAOE", "step_s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--levers", default="reference,no_pretrain")
+    parser.add_argument("--rows", default="depth,inter_keypoint")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    levers = [x for x in args.levers.split(",") if x]
+    unknown = [x for x in levers if x not in LEVERS]
+    if unknown:
+        parser.error(f"unknown levers {unknown}; choose from {sorted(LEVERS)}")
+    rows = {r.key: r for r in ABLATION_ROWS}
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    base = DemoConfig(out_dir=args.out, seed=seeds[0], workers=args.workers, **world_preset("study"))
+    world = prepare_world(base)
+    path = args.out / "levers.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    for lever in levers:
+        label, apply = LEVERS[lever]
+        for key in args.rows.split(","):
+            row = rows[key]
+            per_seed = {}
+            for seed in seeds:
+                cfg, w = apply(base, world)
+                m = train_demo_student(cfg, w, f"lever-{lever}-{key}-s{seed}", row.weights, row.source, seed=seed)
+                per_seed[str(seed)] = {k: m[k] for k in _METRICS}
+            entry = table.setdefault(lever, {"label": label, "rows": {}})
+            old = entry["rows"].get(key, {}).get("per_seed", {})
+            per_seed = {**old, **per_seed}
+            entry["rows"][key] = {"per_seed": per_seed,
+                                  "mean": {k: statistics.fmean(s[k] for s in per_seed.values()) for k in _METRICS}}
+            write_json_atomic(path, table)
+            (args.out / "levers.md").write_text(_markdown(table))
+    print(_markdown(table))
+
+
+def _markdown(table: dict) -> str:
+    lines = ["| lever | row | seeds | mAP | NDS | mATE | mAOE | step (s) |", "|---|---|---|---|---|---|---|---|"]
+    for entry in table.values():
+        for key, r in entry["rows"].items():
+            m = r["mean"]
+            lines.append(f"| {entry['label']} | {key} | {len(r['per_seed'])} | {m['mAP']:.4f} | {m['NDS']:.4f} | "
+                         f"{m['mATE']:.3f} | {m['mAOE']:.3f} | {m['step_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
