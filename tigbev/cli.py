@@ -90,8 +90,9 @@ def synth(
     lidar_azimuth_steps: Annotated[int, typer.Option(help="LiDAR horizontal resolution (steps per turn).")] = 1084,
     object_density: Annotated[float, typer.Option(help="Scales the number of extra objects (>= 0).")] = 1.0,
     workers: Annotated[int, typer.Option(min=1, help="Processes rendering scenes in parallel.")] = 2,
-    no_render_labels: Annotated[bool, typer.Option(
-        help="Skip the renderer's per-pixel depth and class files (renderer/).")] = False,
+    render_labels: Annotated[bool, typer.Option(
+        "--render-labels/--no-render-labels", help="Write the renderer's per-pixel depth and class (renderer/).")]
+    = True,
     label_stride: Annotated[int, typer.Option(min=1, help="Keep every N-th pixel of the renderer's labels.")] = 4,
 ) -> None:
     """Write a synthetic nuScenes-format dataroot (splits synth_train and synth_val)."""
@@ -102,7 +103,7 @@ def synth(
         out_dir=out_dir, scenes=scenes, samples_per_scene=samples_per_scene, val_scenes=val_scenes, seed=seed,
         image_width=image_width, image_height=image_height, sweeps_per_sample=sweeps_per_sample,
         lidar_azimuth_steps=lidar_azimuth_steps, object_density=object_density, workers=workers,
-        render_labels=not no_render_labels, label_stride=label_stride,
+        render_labels=render_labels, label_stride=label_stride,
     )
     result = write_synthetic_dataset(cfg)
     typer.echo(
