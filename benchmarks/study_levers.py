@@ -1,7 +1,7 @@
 """What each lever of the study configuration buys: one student trained per (lever, row, seed) on the study world.
 
-    python benchmarks/study_levers.py --out runs/study --levers reference,no_pretrain,augment --rows depth,inter_keypoint
-        [--seeds 0] [--workers 1]
+    python benchmarks/study_levers.py --out runs/study --levers reference,no_pretrain,augment \
+        --rows depth,inter_keypoint        [--seeds 0] [--workers 1]
 
 Uses (or first builds) the world of ``tigbev ablate --preset study --out OUT`` (synth, teacher, cache, pretrained
 backbone) and trains each lever's variant of the study budget as ``OUT/student-lever-<lever>-<row>-s<seed>``.
@@ -25,7 +25,8 @@ from tigbev.pipeline.provenance import write_json_atomic
 Lever = Callable[[DemoConfig, DemoWorld], tuple[DemoConfig, DemoWorld]]
 LEVERS: dict[str, tuple[str, Lever]] = {
     "reference": ("the study budget as it is", lambda c, w: (c, w)),
-    "no_pretrain": ("random initial backbone (no pretraining)", lambda c, w: (c, dataclasses.replace(w, backbone=None))),
+    "no_pretrain": ("random initial backbone (no pretraining)",
+                    lambda c, w: (c, dataclasses.replace(w, backbone=None))),
     "augment": ("image augmentation and BDA on", lambda c, w: (dataclasses.replace(c, student_augment=True), w)),
     "lr_1e-3": ("learning rate 1e-3", lambda c, w: (dataclasses.replace(c, student_lr=1e-3), w)),
     "lr_4e-3": ("learning rate 4e-3", lambda c, w: (dataclasses.replace(c, student_lr=4e-3), w)),

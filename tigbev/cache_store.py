@@ -6,10 +6,11 @@ checksum errors turned into errors that name the sample and the array.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -31,8 +32,8 @@ from tigbev.cache_schema import (
 )
 from tigbev.errors import TigbevError
 
-__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "holds_fill", "open_array",
-           "read_parquet_rows", "shard_files", "tokens_sha256"]
+__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "holds_fill",
+           "open_array", "read_parquet_rows", "remote_errors", "shard_files", "tokens_sha256"]
 
 _RAGGED_CHUNK_BYTES = 256 * 1024  # inner chunk size of ragged arrays: a sample reads a few chunks, not a shard
 
@@ -99,22 +100,18 @@ def _connection_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-class remote_errors:  # noqa: N801 - used as a context manager, like contextlib's
+@contextlib.contextmanager
+def remote_errors(url: str) -> Iterator[None]:
     """Turns a failure to reach a remote store into ``CacheError("cannot reach <url>: <cause>")``."""
-
-    def __init__(self, url: str):
-        self.url = url
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        if exc is None or isinstance(exc, CacheError) or not _is_remote(self.url):
-            return False
-        cause = _connection_cause(exc)
-        if cause is not None:
-            raise CacheError(f"cannot reach {self.url}: {type(cause).__name__}: {cause}") from exc
-        return False
+    try:
+        yield
+    except CacheError:
+        raise
+    except Exception as exc:
+        cause = _connection_cause(exc) if _is_remote(url) else None
+        if cause is None:
+            raise
+        raise CacheError(f"cannot reach {url}: {type(cause).__name__}: {cause}") from exc
 
 
 def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
@@ -308,8 +305,9 @@ class CacheWriter:
             with remote_errors(self.url):
                 self._write_shard(shard, records, expected)
         except OSError as exc:  # e.g. the disk is full: what is done stays done, the rest resumes
-            raise CacheError(f"cannot write shard {shard} of cache {self.url}: {exc}; the {int(self.done_flags().sum())} "
-                             "samples already done are kept, rerun the same command to resume") from exc
+            done = int(self.done_flags().sum())
+            raise CacheError(f"cannot write shard {shard} of cache {self.url}: {exc}; the {done} samples already "
+                             "done are kept, rerun the same command to resume") from exc
 
     def _write_shard(self, shard: int, records: Sequence[SampleRecord], expected: list[int]) -> None:
         m = self.manifest

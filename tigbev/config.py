@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "PretrainBackboneConfig", "SelfAssessmentConfig", "SynthConfig", "TrainStudentConfig",
+__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "PretrainBackboneConfig", "SelfAssessmentConfig",
+           "SynthConfig", "TrainStudentConfig",
            "TrainTeacherConfig", "train_teacher_defaults"]
 
 Preset = Literal["demo", "nuscenes"]

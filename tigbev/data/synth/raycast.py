@@ -17,8 +17,8 @@ from numpy.typing import NDArray
 from tigbev.geometry import box_corners, invert_pose, transform_points
 from tigbev.data.synth.world import ROAD_EDGES, SIDEWALK_FROM, Scene
 
-__all__ = ["LABEL_GROUND", "LABEL_OBJECT0", "LABEL_SKY", "CameraModel", "CameraRender", "Hits", "LidarModel", "cast_lidar",
-           "render_camera"]
+__all__ = ["LABEL_GROUND", "LABEL_OBJECT0", "LABEL_SKY", "CameraModel", "CameraRender", "Hits", "LidarModel",
+           "cast_lidar", "render_camera"]
 
 _NO_HIT = -1
 
