@@ -63,8 +63,8 @@ def world_preset(name: str) -> dict[str, Any]:
 
 def demo_output(name: str) -> bool:
     """Whether a name in a demo (or ablation) directory is one that demo or ablate writes there."""
-    return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json", "ablation.json", "ablation.md",
-                     "ablation.png") or name.startswith("student-") or name.startswith(".synth.partial-")
+    return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json", "ablation.json",
+                     "ablation.md", "ablation.png", "levers.json", "levers.md") or name.startswith("student-") or name.startswith(".synth.partial-")
             or (name.startswith(".") and ".json.tmp" in name))
 
 
