@@ -16,7 +16,8 @@ from typing import Any
 
 from tigbev.errors import TigbevError
 
-__all__ = ["CheckpointError", "load_weights_only", "non_finite_tensors", "save_atomic", "unpickler_reason"]
+__all__ = ["CheckpointError", "load_weights_only", "non_finite_tensors", "require_finite", "save_atomic",
+           "unpickler_reason"]
 
 
 class CheckpointError(TigbevError):
@@ -77,6 +78,14 @@ def save_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def require_finite(state: dict[str, Any], *, step: int, lr: float, path: Path) -> None:
+    """Refuse to save weights that hold NaN or infinity (a good ``path`` is never overwritten with them)."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(f"after step {step} {len(bad)} of {len(state)} weight tensors are not finite (e.g. "
+                              f"{bad[0]}); the learning rate ({lr:g}) is likely too high; {path} is left as it was")
 
 
 def non_finite_tensors(state: dict[str, Any]) -> list[str]:

@@ -20,7 +20,8 @@ from typing import Any
 
 from tigbev.errors import TigbevError
 
-__all__ = ["RESUME_MAY_DIFFER", "check_output_dir", "check_run_dir", "config_differences", "remove_temporaries"]
+__all__ = ["RESUME_MAY_DIFFER", "check_output_dir", "check_resume", "check_run_dir", "config_differences",
+           "remove_temporaries"]
 
 CHECKPOINT = "last.pt"
 _BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "loss_curve.png"})
@@ -95,3 +96,13 @@ def check_output_dir(out: Path, *, owns: Callable[[str], bool], what: str, optio
     if foreign:
         raise TigbevError(f"{option} {out} is not empty and not a {what} directory (holds "
                           f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or empty one")
+
+
+def check_resume(checkpoint: Path, saved: Mapping[str, Any], current: Mapping[str, Any],
+                 extra: Iterable[str] = ()) -> None:
+    """Refuse to resume ``checkpoint`` into a run whose settings differ (:func:`config_differences`, plus
+    ``extra`` differences the caller found, e.g. another teacher cache), naming every field."""
+    differences = [*config_differences(saved, current), *extra]
+    if differences:
+        raise TigbevError(f"cannot resume {checkpoint}: this run differs from it in " + "; ".join(differences)
+                          + " (choose a new --out for a new run)")

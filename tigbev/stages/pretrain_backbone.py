@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tigbev.checkpoint_file import load_weights_only, non_finite_tensors, save_atomic
+from tigbev.checkpoint_file import load_weights_only, require_finite, save_atomic
 from tigbev.config import PretrainBackboneConfig
 from tigbev.data.camera_dataset import IMAGENET_MEAN, IMAGENET_STD
 from tigbev.data.image_aug import ImageAugPolicy
@@ -39,7 +39,7 @@ from tigbev.models.student.neck import ImageNeck
 from tigbev.models.student.resnet import ResNet
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
-from tigbev.pipeline.run_dir import check_run_dir, config_differences, remove_temporaries
+from tigbev.pipeline.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.pipeline.training_log import TrainingLog
 
 __all__ = ["NUM_CLASSES", "PretrainNet", "PretrainResult", "RenderedImages", "run"]
@@ -202,9 +202,7 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
         ckpt = load_weights_only(ckpt_path, what="pretrain checkpoint", map_location=device)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise TigbevError(f"{ckpt_path} is not a tigbev pretrain checkpoint")
-        differences = config_differences(ckpt["train_config"], cfg.to_dict())
-        if differences:
-            raise TigbevError(f"cannot resume {ckpt_path}: this run differs from it in " + "; ".join(differences))
+        check_resume(ckpt_path, ckpt["train_config"], cfg.to_dict())
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -241,10 +239,7 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
                     break
             log.end_epoch(epoch, step)
             state = net.state_dict()
-            bad = non_finite_tensors(state)
-            if bad:
-                raise TigbevError(f"after step {step} {len(bad)} weight tensors are not finite (e.g. {bad[0]}); "
-                                  f"{ckpt_path} is left as it was")
+            require_finite(state, step=step, lr=cfg.lr, path=ckpt_path)
             save_atomic(ckpt_path, {"format": CHECKPOINT_FORMAT, "model": state, "train_config": cfg.to_dict(),
                                     "student_config": scfg.to_dict(), "epoch": epoch + 1, "step": step,
                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tigbev.cache_store import CacheReader
-from tigbev.checkpoint_file import non_finite_tensors, save_atomic
+from tigbev.checkpoint_file import require_finite, save_atomic
 from tigbev.config import TrainStudentConfig
 from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes, similarity_apply_xy
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
@@ -40,7 +40,7 @@ from tigbev.models.self_assessment import SelfAssessmentDistill
 from tigbev.models.student.checkpoint import CHECKPOINT_FORMAT, load_student_checkpoint
 from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
-from tigbev.pipeline.run_dir import check_run_dir, config_differences, remove_temporaries
+from tigbev.pipeline.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.pipeline.training_log import TrainingLog
 
 __all__ = ["DistillationModel", "StepTimes", "TrainStudentResult", "run", "training_step"]
@@ -295,14 +295,10 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     epoch0, step = 0, 0
     if resuming:
         ckpt = load_student_checkpoint(ckpt_path, map_location=device)
-        differences = config_differences(ckpt["train_config"], cfg.to_dict())
         saved_cache, this_cache = ({k: v for k, v in (c or {}).items() if k != "url"}
                                    for c in (ckpt.get("cache"), cache_fingerprint))
-        if saved_cache != this_cache:
-            differences.append("the teacher cache (its teacher or dataset fingerprint) is another one")
-        if differences:
-            raise TigbevError(f"cannot resume {ckpt_path}: this run differs from it in " + "; ".join(differences)
-                              + " (choose a new --out for a new run)")
+        check_resume(ckpt_path, ckpt["train_config"], cfg.to_dict(),
+                     [] if saved_cache == this_cache else ["the teacher cache (its teacher or dataset fingerprint)"])
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -361,11 +357,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
             log.end_epoch(epoch, step)
             if rank == 0:
                 state = model.state_dict()
-                bad = non_finite_tensors(state)
-                if bad:  # never save (or overwrite a good last.pt with) weights that are NaN or infinite
-                    raise TigbevError(f"after step {step} {len(bad)} of {len(state)} weight tensors are not finite "
-                                      f"(e.g. {bad[0]}); the learning rate ({cfg.lr:g}) is likely too high; "
-                                      f"{ckpt_path} is left as it was")
+                require_finite(state, step=step, lr=cfg.lr, path=ckpt_path)
                 save_atomic(ckpt_path, {
                     "format": CHECKPOINT_FORMAT, "model": state, "student_config": scfg.to_dict(),
                     "train_config": cfg.to_dict(), "cache": cache_fingerprint,

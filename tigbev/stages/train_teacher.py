@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from tigbev.checkpoint_file import non_finite_tensors
+from tigbev.checkpoint_file import require_finite
 from tigbev.config import TrainTeacherConfig
 from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.lidar_dataset import LidarDetectionDataset, collate_lidar
@@ -24,7 +24,7 @@ from tigbev.errors import TigbevError
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
 from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
-from tigbev.pipeline.run_dir import check_run_dir, config_differences, remove_temporaries
+from tigbev.pipeline.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.pipeline.training_log import TrainingLog
 from tigbev.stages.evaluate import predict_teacher, score
 
@@ -69,10 +69,7 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     epoch0, step = 0, 0
     if resuming:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        differences = config_differences(ckpt.get("train_config", {}), cfg.to_dict())
-        if differences:
-            raise TigbevError(f"cannot resume {ckpt_path}: this run differs from it in " + "; ".join(differences)
-                              + " (choose a new --out for a new run)")
+        check_resume(ckpt_path, ckpt.get("train_config", {}), cfg.to_dict())
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -116,11 +113,7 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                     break
             log.end_epoch(epoch, step)
             state = model.state_dict()
-            bad = non_finite_tensors(state)
-            if bad:  # never save (or overwrite a good last.pt with) weights that are NaN or infinite
-                raise TigbevError(f"after step {step} {len(bad)} of {len(state)} weight tensors are not finite (e.g. "
-                                  f"{bad[0]}); the learning rate ({cfg.lr:g}) is likely too high; {ckpt_path} is "
-                                  "left as it was")
+            require_finite(state, step=step, lr=cfg.lr, path=ckpt_path)
             save_checkpoint(ckpt_path, {
                 "model": state, "teacher_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
                 "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)),
