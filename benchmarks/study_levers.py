@@ -7,6 +7,8 @@ Uses (or first builds) the world of ``tigbev ablate --preset study --out OUT`` (
 backbone) and trains each lever's variant of the study budget as ``OUT/student-lever-<lever>-<row>-s<seed>``.
 Finished students are reused on rerun, so the table grows across sessions. Writes ``OUT/levers.json`` and
 ``OUT/levers.md`` (mAP, NDS, mATE, mAOE and the step time per lever and row; mean over the seeds given).
+Levers change the budget (``augment``, ``lr_*``, ``epochs_2``), the world (``no_pretrain``) or one loss weight of
+the row (``inner_depth_*``, ``inter_channel_*``: the weight sweep).
 """
 
 from __future__ import annotations
@@ -17,20 +19,36 @@ import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from tigbev.config import LossWeights
 from tigbev.pipeline.ablate import ABLATION_ROWS
 from tigbev.pipeline.demo import DemoConfig, DemoWorld, prepare_world, train_demo_student, world_preset
 from tigbev.pipeline.provenance import write_json_atomic
 
-Lever = Callable[[DemoConfig, DemoWorld], tuple[DemoConfig, DemoWorld]]
+Lever = Callable[[DemoConfig, DemoWorld, LossWeights], tuple[DemoConfig, DemoWorld, LossWeights]]
+
+
+def _budget(**changes: Any) -> Lever:
+    return lambda c, w, lw: (dataclasses.replace(c, **changes), w, lw)
+
+
+def _weight(name: str, value: float) -> Lever:
+    """The row's weights with one term's weight replaced (0 leaves the row without that term)."""
+    return lambda c, w, lw: (c, w, dataclasses.replace(lw, **{name: value}))
+
+
 LEVERS: dict[str, tuple[str, Lever]] = {
-    "reference": ("the study budget as it is", lambda c, w: (c, w)),
+    "reference": ("the study budget as it is", lambda c, w, lw: (c, w, lw)),
     "no_pretrain": ("random initial backbone (no pretraining)",
-                    lambda c, w: (c, dataclasses.replace(w, backbone=None))),
-    "augment": ("image augmentation and BDA on", lambda c, w: (dataclasses.replace(c, student_augment=True), w)),
-    "lr_1e-3": ("learning rate 1e-3", lambda c, w: (dataclasses.replace(c, student_lr=1e-3), w)),
-    "lr_4e-3": ("learning rate 4e-3", lambda c, w: (dataclasses.replace(c, student_lr=4e-3), w)),
-    "epochs_2": ("two epochs (twice the steps)", lambda c, w: (dataclasses.replace(c, student_epochs=2), w)),
+                    lambda c, w, lw: (c, dataclasses.replace(w, backbone=None), lw)),
+    "augment": ("image augmentation and BDA on", _budget(student_augment=True)),
+    "lr_1e-3": ("learning rate 1e-3", _budget(student_lr=1e-3)),
+    "lr_4e-3": ("learning rate 4e-3", _budget(student_lr=4e-3)),
+    "epochs_2": ("two epochs (twice the steps)", _budget(student_epochs=2)),
+    # The weight sweep of the two terms that hurt in the demo world (published: inner-depth 1, inter-channel 10).
+    **{f"inner_depth_{v:g}": (f"inner-depth weight {v:g}", _weight("inner_depth", v)) for v in (0.25, 4.0)},
+    **{f"inter_channel_{v:g}": (f"inter-channel weight {v:g}", _weight("inter_channel", v)) for v in (1.0, 100.0)},
 }
 _METRICS = ("mAP", "NDS", "mATE", "mAOE", "step_s")
 
@@ -59,8 +77,8 @@ def main() -> None:
             row = rows[key]
             per_seed = {}
             for seed in seeds:
-                cfg, w = apply(base, world)
-                m = train_demo_student(cfg, w, f"lever-{lever}-{key}-s{seed}", row.weights, row.source, seed=seed)
+                cfg, w, weights = apply(base, world, row.weights)
+                m = train_demo_student(cfg, w, f"lever-{lever}-{key}-s{seed}", weights, row.source, seed=seed)
                 per_seed[str(seed)] = {k: m[k] for k in _METRICS}
             entry = table.setdefault(lever, {"label": label, "rows": {}})
             old = entry["rows"].get(key, {}).get("per_seed", {})
