@@ -64,7 +64,8 @@ def world_preset(name: str) -> dict[str, Any]:
 def demo_output(name: str) -> bool:
     """Whether a name in a demo (or ablation) directory is one that demo or ablate writes there."""
     return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json", "ablation.json",
-                     "ablation.md", "ablation.png", "levers.json", "levers.md")
+                     "ablation.md", "ablation.png", "levers.json", "levers.md",
+                     "loss_scale.json", "loss_scale.md")
             or name.startswith(("student-", ".synth.partial-")) or (name.startswith(".") and ".json.tmp" in name))
 
 
