@@ -1,4 +1,4 @@
-"""Thin entry point for the benchmark suite; the bench itself lives in :mod:`tigbev.stages.bench`.
+"""Thin entry point for the benchmark suite; the bench itself lives in :mod:`tigbev.bench`.
 
     python benchmarks/bench.py --preset demo --out /tmp/bench-demo [--repeats 3] [...]
     python benchmarks/bench.py --preset nuscenes --dataroot ../shared/data/nuscenes-real-slice --out /tmp/bench-nusc

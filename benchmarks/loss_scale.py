@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tigbev.cache_store import CacheReader
+from tigbev.cache.store import CacheReader
 from tigbev.config import TrainStudentConfig
 from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
@@ -36,8 +35,8 @@ from tigbev.models.student.resnet import load_torchvision_weights
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
 from tigbev.pipeline.ablate import ABLATION_ROWS
 from tigbev.pipeline.demo import DEMO_KEYPOINT_GRID
-from tigbev.pipeline.provenance import write_json_atomic
 from tigbev.stages.train_student import _POINT_RANGE, DistillationModel
+from tigbev.utils.provenance import write_json_atomic
 
 DETECTION = ("heatmap", "bbox")
 

@@ -23,8 +23,14 @@ from typing import Any
 
 from tigbev.config import LossWeights
 from tigbev.pipeline.ablate import ABLATION_ROWS
-from tigbev.pipeline.demo import DemoConfig, DemoWorld, prepare_world, train_demo_student, world_preset
-from tigbev.pipeline.provenance import write_json_atomic
+from tigbev.pipeline.demo import (
+    DemoConfig,
+    DemoWorld,
+    prepare_world,
+    train_demo_student,
+    world_preset,
+)
+from tigbev.utils.provenance import write_json_atomic
 
 Lever = Callable[[DemoConfig, DemoWorld, LossWeights], tuple[DemoConfig, DemoWorld, LossWeights]]
 

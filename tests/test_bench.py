@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tigbev.bench import GOALS, MODES, STORAGE_OPTIONS, BenchConfig
 from tigbev.cli import app
-from tigbev.stages.bench import GOALS, MODES, STORAGE_OPTIONS, BenchConfig
 
 
 def _positive(x: object) -> bool:

@@ -17,23 +17,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tigbev.cache_schema import CACHE_ATTR, RAGGED_ARRAYS, shard_path
-from tigbev.cache_store import CacheError, CacheReader, read_parquet_rows
-from tigbev.cli import app
-from tigbev.config import ExtractTeacherConfig
-from tigbev.data.lidar_dataset import training_boxes
-from tigbev.data.nuscenes_reader import NuScenesReader
-from tigbev.geometry import BevGrid, points_in_boxes
-from tigbev.models.bev_sampling import sample_bev
-from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
-from tigbev.models.teacher.checkpoint import load_teacher, save_checkpoint
-from tigbev.stages import extract_teacher
-from tigbev.stages.cache_tools import (
+from tigbev.cache.schema import CACHE_ATTR, RAGGED_ARRAYS, shard_path
+from tigbev.cache.store import CacheError, CacheReader, read_parquet_rows
+from tigbev.cache.tools import (
     cache_info,
     dump_sample,
     keypoint_features,
     verify_cache,
 )
+from tigbev.cli import app
+from tigbev.config import ExtractTeacherConfig
+from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.data.targets import training_boxes
+from tigbev.geometry import BevGrid, points_in_boxes
+from tigbev.geometry.bev_sampling import sample_bev
+from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
+from tigbev.models.teacher.checkpoint import load_teacher, save_checkpoint
+from tigbev.stages import extract_teacher
 
 SPLIT = "synth_train"
 
@@ -146,7 +146,7 @@ def test_cached_keypoint_features_equal_the_online_teacher(teacher_ckpt: Path, s
 
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
-    from tigbev.cache_store import CacheWriter
+    from tigbev.cache.store import CacheWriter
     original = CacheWriter.write_shard
     def slow(self, shard, records):
         time.sleep(0.8)  # widen the window in which the test kills the process

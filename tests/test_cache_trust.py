@@ -18,9 +18,16 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from tigbev.cache_lease import Lease, WriterLease
-from tigbev.cache_schema import LEASE_DIR, shard_path
-from tigbev.cache_store import CacheError, CacheReader, CacheWriter, SampleRecord, fs_and_path
+from tigbev.cache.lease import Lease, WriterLease
+from tigbev.cache.schema import LEASE_DIR, shard_path
+from tigbev.cache.store import (
+    CacheError,
+    CacheReader,
+    CacheWriter,
+    SampleRecord,
+    fs_and_path,
+)
+from tigbev.cache.tools import verify_cache
 from tigbev.cli import app
 from tigbev.config import ExtractTeacherConfig, SynthConfig
 from tigbev.data.camera_dataset import CameraDetectionDataset
@@ -28,7 +35,6 @@ from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.data.synth.writer import write_synthetic_dataset
 from tigbev.stages import extract_teacher
-from tigbev.stages.cache_tools import verify_cache
 
 SPLIT = "synth_train"
 
@@ -121,7 +127,7 @@ def test_dense_mode_lost_map_chunk(demo_teacher_ckpt: Path, synth_root: Path, tm
 
 HELD_WRITER = textwrap.dedent("""
     import sys, time
-    from tigbev.cache_store import CacheWriter
+    from tigbev.cache.store import CacheWriter
     original = CacheWriter.write_shard
     def slow(self, shard, records):
         time.sleep(120)  # hold the lease until the test kills this process

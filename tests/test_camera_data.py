@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tigbev.cache_store import CacheError, CacheReader
+from tigbev.cache.store import CacheError, CacheReader
 from tigbev.config import ExtractTeacherConfig
 from tigbev.data.augment import (
     BevAugmentPolicy,
@@ -27,8 +27,8 @@ from tigbev.data.camera_dataset import (
     collate_camera,
 )
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
-from tigbev.data.lidar_dataset import training_boxes
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
+from tigbev.data.targets import training_boxes
 from tigbev.geometry import BevGrid, points_in_boxes, project_to_image
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import save_checkpoint

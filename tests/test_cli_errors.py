@@ -208,7 +208,7 @@ def test_disk_full_during_extraction_is_one_line_and_resumable(demo_teacher_ckpt
         subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
         done = CliRunner().invoke(app, args)
         assert done.exit_code == 0 and "complete" in done.output, done.output
-        from tigbev.stages.cache_tools import verify_cache
+        from tigbev.cache.tools import verify_cache
 
         assert verify_cache(str(out)) == []
     finally:

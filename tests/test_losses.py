@@ -11,17 +11,16 @@ import math
 import pytest
 import torch
 
+from tigbev.data.targets import depth_bins, nearest_depth_map
 from tigbev.geometry import BevGrid
-from tigbev.models.bev_sampling import sample_bev
+from tigbev.geometry.bev_sampling import sample_bev
 from tigbev.models.losses import (
     DenseDepthLoss,
     DenseFeatureMSE,
     InnerDepthLoss,
     InnerFeatureDistillation,
-    depth_bins,
     inter_channel_loss,
     inter_keypoint_loss,
-    nearest_depth_map,
 )
 
 BINS = depth_bins(1.0, 9.0, 1.0)  # 8 bins, centres 1.5 .. 8.5

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tigbev.cache_store import CacheError, CacheReader
+from tigbev.cache.store import CacheError, CacheReader
+from tigbev.cache.tools import cache_info, verify_cache
 from tigbev.cli import app
 from tigbev.config import ExtractTeacherConfig, TrainStudentConfig
 from tigbev.stages import extract_teacher, train_student
-from tigbev.stages.cache_tools import cache_info, verify_cache
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from tigbev.cache_store import CacheError, CacheReader
+from tigbev.cache.store import CacheError, CacheReader
 from tigbev.config import LossWeights, TrainStudentConfig
 from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.engine.online_teacher import OnlineTeacher
 from tigbev.geometry import BevGrid
 from tigbev.stages import train_student
-from tigbev.stages.train_student import DistillationModel, _OnlineTeacher
+from tigbev.stages.train_student import DistillationModel
 
 SPLIT = "synth_train"
 
@@ -89,7 +90,7 @@ def test_cache_targets_equal_online_targets(synth_root: Path, synth_cache: str, 
     model = DistillationModel(scfg, cfg, grid, cache.manifest.features.channels).eval()
     with torch.no_grad():
         from_cache = model(batch, batch.teacher.dense_map(*grid.shape_hw))
-        online = _OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
+        online = OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
         batch.teacher, fmap = online.targets(batch)
         from_online = model(batch, fmap)
     for k in ("inter_keypoint", "inter_channel"):
@@ -161,7 +162,7 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
     from tigbev.models.student.student import student_preset
 
     reader = NuScenesReader(synth_root)
-    online = _OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
+    online = OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
     scfg = student_preset("demo")
     kw = {"input_hw": scfg.input_hw, "feature_stride": 16, "image_policy": ImageAugPolicy(input_hw=scfg.input_hw),
           "bda_policy": BevAugmentPolicy(), "seed": 3, "train": True,

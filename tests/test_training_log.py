@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tigbev.pipeline.training_log import TrainingLog
+from tigbev.utils.training_log import TrainingLog
 
 
 def _records(path: Path) -> list[dict]:

@@ -13,6 +13,7 @@ import click
 import typer
 
 from tigbev.errors import TigbevError
+from tigbev.geometry.keypoints import KEYPOINT_GRID
 
 app = typer.Typer(
     name="tigbev",
@@ -194,7 +195,7 @@ def import_teacher(
     from tigbev.models.teacher.centerpoint import teacher_preset
     from tigbev.models.teacher.checkpoint import save_checkpoint
     from tigbev.models.teacher.mmdet3d_weights import load_mmdet3d_centerpoint
-    from tigbev.pipeline.provenance import file_sha256, provenance
+    from tigbev.utils.provenance import file_sha256, provenance
 
     if out.exists():
         raise _fail(TigbevError(f"{out} exists; choose a new path"))
@@ -265,7 +266,7 @@ def train_student(
     w_dense_feature: Annotated[float, typer.Option(help="Dense BEV feature MSE (a baseline, not TiG).")] = 0.0,
     w_self_assessment: Annotated[float, typer.Option(
         help="Self-assessment cross-attention distillation (METHOD.md section 7; TaT uses 0.1).")] = 0.0,
-    keypoint_grid: Annotated[int, typer.Option(min=2, help="Keypoints per box side, online teacher.")] = 24,
+    keypoint_grid: Annotated[int, typer.Option(min=2, help="Keypoints per box side, online teacher.")] = KEYPOINT_GRID,
     baseline: Annotated[bool, typer.Option(help="No distillation: detection + dense depth only.")] = False,
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     batch_size: Annotated[int, typer.Option(min=1)] = 2,
@@ -395,7 +396,7 @@ def bench(
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration (tests).")] = False,
 ) -> None:
     """Cost of distillation with and without the cache: steps, loader, extraction, storage, growth; side by side."""
-    from tigbev.stages.bench import BenchConfig, run
+    from tigbev.bench import BenchConfig, run
 
     result = run(BenchConfig(preset=preset, out_dir=out, dataroot=dataroot, split=split,  # type: ignore[arg-type]
                              teacher_checkpoint=teacher_checkpoint, repeats=repeats, steps=steps,
@@ -412,7 +413,7 @@ app.add_typer(cache_app, name="cache")
 @_guarded
 def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or URL.")]) -> None:
     """Samples, completeness, bytes per sample per array, compression ratio, teacher, grid."""
-    from tigbev.stages.cache_tools import cache_info
+    from tigbev.cache.tools import cache_info
 
     info = cache_info(cache)
     typer.echo(f"cache      {info['url']}")
@@ -435,7 +436,7 @@ def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or
 @_guarded
 def cache_verify_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or URL.")]) -> None:
     """Read every chunk, check checksums and the index; name each bad sample and array; exit 1 on any fault."""
-    from tigbev.stages.cache_tools import verify_cache
+    from tigbev.cache.tools import verify_cache
 
     faults = verify_cache(cache)
     for fault in faults:
@@ -453,8 +454,8 @@ def cache_dump_cmd(
     sample: Annotated[str, typer.Option(help="Sample token.")],
     out: Annotated[Path, typer.Option(help="Output .npz file (new).")],
 ) -> None:
-    """Write one sample's cached content as npz (keys documented in tigbev/stages/cache_tools.py)."""
-    from tigbev.stages.cache_tools import dump_sample
+    """Write one sample's cached content as npz (keys documented in tigbev/cache/tools.py)."""
+    from tigbev.cache.tools import dump_sample
 
     if out.exists():
         raise _fail(TigbevError(f"--out {out} exists; choose a new path (nothing is overwritten)"))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tigbev.geometry.keypoints import KEYPOINT_ENLARGE_M, KEYPOINT_GRID
+
 __all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "PretrainBackboneConfig", "SelfAssessmentConfig",
            "SynthConfig", "TrainStudentConfig",
            "TrainTeacherConfig", "train_teacher_defaults"]
@@ -211,8 +213,8 @@ class ExtractTeacherConfig:
     shard_index: int = 0
     """This process's part of the work (``--shard I/N``): a contiguous block of shards."""
     num_parts: int = 1
-    keypoint_enlarge_m: float = 1.6
-    keypoint_grid: int = 24
+    keypoint_enlarge_m: float = KEYPOINT_ENLARGE_M
+    keypoint_grid: int = KEYPOINT_GRID
     min_depth_m: float = 0.5
     """LiDAR points nearer to a camera than this are not stored as depth."""
 
@@ -317,7 +319,7 @@ class TrainStudentConfig(_TrainLoopConfig):
     backbone_weights: Path | None = None
     """torchvision-format ImageNet weights for the image backbone (a local .pth; nothing is downloaded)."""
     weights: LossWeights = dataclasses.field(default_factory=LossWeights)
-    keypoint_grid: int = 24
+    keypoint_grid: int = KEYPOINT_GRID
     """Keypoints per box side with the online teacher (METHOD.md: 24 x 24); a cache carries its own grid."""
     self_assessment: SelfAssessmentConfig = dataclasses.field(default_factory=SelfAssessmentConfig)
     """Shapes of the self-assessment losses (used when ``weights.self_assessment`` > 0)."""

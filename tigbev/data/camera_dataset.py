@@ -22,18 +22,16 @@ import torch
 from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
-from tigbev.cache_store import CacheError, CacheReader
+from tigbev.cache.store import CacheError, CacheReader
 from tigbev.data.augment import BevAugmentPolicy, BevTransform
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
-from tigbev.data.lidar_dataset import training_boxes
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL, NuScenesReader
-from tigbev.data.types import SampleFrame
-from tigbev.geometry import BevGrid, first_box_of_points, project_to_image
-from tigbev.models.losses import nearest_depth_map
+from tigbev.data.targets import depth_points, nearest_depth_map, training_boxes
+from tigbev.geometry import BevGrid
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CameraDetectionDataset", "CameraSample", "collate_camera",
-           "depth_points", "pad_box_keypoints"]
+           "pad_box_keypoints"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # RGB, of images scaled to [0, 1]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -58,23 +56,6 @@ class CameraSample:
     map_cells: torch.Tensor | None = None  # (F,) int64 foreground mode; None in dense mode
     map_features: torch.Tensor | None = None  # (F, C) or (C, H, W) float16
     lidar_points: torch.Tensor | None = None  # (P, 5) float32 teacher LiDAR, un-augmented key frame (online teacher)
-
-
-def depth_points(frame: SampleFrame, boxes: NDArray, *, min_depth_m: float) -> NDArray[np.float32]:
-    """The key sweep projected into each camera, in the cache's layout (cache_schema.DEPTH_COLUMNS): rows
-    (u, v, depth_m, box index, camera index) in original pixels, float32, sorted by camera (CAMERA_CHANNELS order).
-
-    ``boxes`` (M, >=7) in the un-augmented lidar frame; a point inside several boxes takes the first.
-    """
-    key = frame.lidar.key_points
-    box_of_point = first_box_of_points(key, boxes)
-    rows = []
-    for ci, channel in enumerate(CAMERA_CHANNELS):
-        cam = frame.camera(channel)
-        proj = project_to_image(key, cam.cam_from_lidar, cam.intrinsics, (cam.width, cam.height),
-                                min_depth_m=min_depth_m)
-        rows.append(np.column_stack([proj.uv, proj.depth_m, box_of_point[proj.index], np.full(len(proj), ci)]))
-    return np.concatenate(rows).astype(np.float32).reshape(-1, 5)
 
 
 class CameraDetectionDataset(Dataset):

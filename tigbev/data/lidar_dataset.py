@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 
 from tigbev.data.augment import BevAugmentPolicy, BevTransform
 from tigbev.data.nuscenes_reader import NuScenesReader
-from tigbev.data.types import SampleFrame
+from tigbev.data.targets import training_boxes
 
-__all__ = ["LidarBatch", "LidarDetectionDataset", "LidarSample", "collate_lidar", "training_boxes"]
+__all__ = ["LidarBatch", "LidarDetectionDataset", "LidarSample", "collate_lidar"]
 
 
 @dataclass
@@ -36,18 +36,6 @@ class LidarBatch:
     def to(self, device: torch.device) -> "LidarBatch":
         return LidarBatch(self.tokens, [p.to(device, non_blocking=True) for p in self.points],
                           [b.to(device) for b in self.boxes], [lb.to(device) for lb in self.labels], self.bda)
-
-
-def training_boxes(frame: SampleFrame, point_range_m: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """GT boxes a detector learns from: detection classes, at least one LiDAR point, centre inside the range."""
-    gt = frame.gt
-    x0, y0, _, x1, y1, _ = point_range_m
-    centre = gt.boxes[:, :2]
-    keep = (gt.labels >= 0) & (gt.num_lidar_pts > 0)
-    keep &= (centre[:, 0] >= x0) & (centre[:, 0] < x1) & (centre[:, 1] >= y0) & (centre[:, 1] < y1)
-    boxes = gt.boxes[keep].copy()
-    boxes[:, 7:9] = np.nan_to_num(boxes[:, 7:9], nan=0.0)  # unknown velocity: no motion (as mmdetection3d)
-    return boxes, gt.labels[keep]
 
 
 class LidarDetectionDataset(Dataset):

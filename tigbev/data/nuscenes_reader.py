@@ -19,11 +19,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from tigbev.cache_schema import DatasetFingerprint, tokens_sha256
+from tigbev.cache.schema import DatasetFingerprint, tokens_sha256
 from tigbev.data.classes import DETECTION_CLASSES, detection_name_of_category
 from tigbev.data.types import CameraView, GtBoxes, LidarSweeps, SampleFrame
 from tigbev.errors import DatasetError
-from tigbev.geometry import boxes_from_nuscenes, invert_pose, make_pose, transform_points
+from tigbev.geometry import (
+    boxes_from_nuscenes,
+    invert_pose,
+    make_pose,
+    transform_points,
+)
 
 if TYPE_CHECKING:
     from nuscenes.nuscenes import NuScenes

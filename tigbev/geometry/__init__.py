@@ -3,7 +3,7 @@
 Conventions are in docs/COORDINATES.md; nothing here imports torch or the nuScenes devkit at import time.
 """
 
-from tigbev.geometry.bev import BevGrid
+from tigbev.geometry.bev import NUSCENES_POINT_RANGE_M, BevGrid
 from tigbev.geometry.boxes import (
     BOX_DIM,
     BOX_DIM_VEL,
@@ -30,10 +30,17 @@ from tigbev.geometry.frames import (
     yaw_from_rotation,
     yaw_twist_of_pose,
 )
-from tigbev.geometry.keypoints import box_keypoints_xy
+from tigbev.geometry.keypoints import (
+    KEYPOINT_ENLARGE_M,
+    KEYPOINT_GRID,
+    box_keypoints_xy,
+)
 from tigbev.geometry.projection import ProjectedPoints, project_points, project_to_image
 
 __all__ = [
+    "KEYPOINT_ENLARGE_M",
+    "KEYPOINT_GRID",
+    "NUSCENES_POINT_RANGE_M",
     "BOX_DIM",
     "BOX_DIM_VEL",
     "BevGrid",

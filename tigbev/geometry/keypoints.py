@@ -11,10 +11,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["box_keypoints_xy"]
+__all__ = ["KEYPOINT_ENLARGE_M", "KEYPOINT_GRID", "box_keypoints_xy"]
+
+KEYPOINT_ENLARGE_M = 1.6
+"""Metres each box is enlarged by on every side before keypoints are laid (METHOD.md section 6)."""
+KEYPOINT_GRID = 24
+"""Keypoints per box side: a 24 x 24 lattice (METHOD.md section 6)."""
 
 
-def box_keypoints_xy(boxes: ArrayLike, *, enlarge_m: float = 1.6, grid_size: int = 24) -> NDArray[np.float64]:
+def box_keypoints_xy(boxes: ArrayLike, *, enlarge_m: float = KEYPOINT_ENLARGE_M,
+                     grid_size: int = KEYPOINT_GRID) -> NDArray[np.float64]:
     """Keypoints (N, grid_size**2, 2) of boxes (N, >=7) in the project layout."""
     b = np.asarray(boxes, dtype=np.float64)
     if b.ndim != 2 or b.shape[1] < 7:

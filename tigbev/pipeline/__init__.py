@@ -1,1 +1,1 @@
-"""Glue around the stages: provenance, run directories, plots, device choice."""
+"""Drivers above the stages: ``tigbev demo`` (the whole chain on a synthetic world) and ``tigbev ablate``."""

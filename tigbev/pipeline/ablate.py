@@ -20,8 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tigbev.config import LossWeights
-from tigbev.pipeline.demo import DemoConfig, prepare_world, train_demo_student, world_preset
-from tigbev.pipeline.provenance import write_json_atomic
+from tigbev.pipeline.demo import (
+    DemoConfig,
+    prepare_world,
+    train_demo_student,
+    world_preset,
+)
+from tigbev.utils.provenance import write_json_atomic
 
 __all__ = ["ABLATION_ROWS", "HEADLINES", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table",
            "headline_deltas", "run"]

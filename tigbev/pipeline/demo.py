@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tigbev.pipeline.provenance import write_json_atomic
-from tigbev.pipeline.run_dir import check_output_dir
+from tigbev.utils.provenance import write_json_atomic
+from tigbev.utils.run_dir import check_output_dir
 
 if TYPE_CHECKING:
     from tigbev.config import LossWeights
@@ -100,8 +100,13 @@ class DemoWorld:
 
 def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
     """synth -> train-teacher -> extract-teacher in ``cfg.out_dir``, each stage skipped when already complete."""
-    from tigbev.cache_store import CacheError, CacheReader
-    from tigbev.config import ExtractTeacherConfig, SynthConfig, TrainTeacherConfig, train_teacher_defaults
+    from tigbev.cache.store import CacheError, CacheReader
+    from tigbev.config import (
+        ExtractTeacherConfig,
+        SynthConfig,
+        TrainTeacherConfig,
+        train_teacher_defaults,
+    )
     from tigbev.data.synth.writer import write_synthetic_dataset
     from tigbev.stages import extract_teacher, train_teacher
 

@@ -21,16 +21,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tigbev.cache_schema import FORMAT_VERSION, DatasetFingerprint, FeatureStorage, Manifest, TeacherFingerprint
-from tigbev.cache_store import CODECS_DESCRIPTION, CacheError, CacheWriter, SampleRecord
+from tigbev.cache.schema import (
+    FORMAT_VERSION,
+    DatasetFingerprint,
+    FeatureStorage,
+    Manifest,
+    TeacherFingerprint,
+)
+from tigbev.cache.store import CODECS_DESCRIPTION, CacheError, CacheWriter, SampleRecord
 from tigbev.config import ExtractTeacherConfig
-from tigbev.data.camera_dataset import depth_points
-from tigbev.data.lidar_dataset import training_boxes
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
+from tigbev.data.targets import depth_points, training_boxes
 from tigbev.geometry import BevGrid, box_keypoints_xy
 from tigbev.models.teacher.checkpoint import load_teacher
 from tigbev.models.teacher.frozen import FrozenTeacher
-from tigbev.pipeline.provenance import file_sha256, pick_device, provenance
+from tigbev.utils.provenance import file_sha256, pick_device, provenance
 
 __all__ = ["ExtractResult", "foreground_cells", "run"]
 

@@ -38,9 +38,9 @@ from tigbev.errors import DatasetError, TigbevError
 from tigbev.models.student.neck import ImageNeck
 from tigbev.models.student.resnet import ResNet
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
-from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
-from tigbev.pipeline.run_dir import check_resume, check_run_dir, remove_temporaries
-from tigbev.pipeline.training_log import TrainingLog
+from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
+from tigbev.utils.training_log import TrainingLog
 
 __all__ = ["NUM_CLASSES", "PretrainNet", "PretrainResult", "RenderedImages", "run"]
 

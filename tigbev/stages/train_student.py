@@ -24,30 +24,46 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tigbev.cache_store import CacheReader
+from tigbev.cache.store import CacheReader
 from tigbev.checkpoint_file import require_finite, save_atomic
 from tigbev.config import TrainStudentConfig
-from tigbev.data.augment import BevAugmentPolicy, similarity_apply_boxes, similarity_apply_xy
-from tigbev.data.camera_batch import CameraBatch, TeacherTargets
-from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera, pad_box_keypoints
+from tigbev.data.augment import BevAugmentPolicy
+from tigbev.data.camera_batch import CameraBatch
+from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.engine.online_teacher import OnlineTeacher
 from tigbev.errors import TigbevError
-from tigbev.geometry import BevGrid, box_keypoints_xy
-from tigbev.models.bev_sampling import sample_bev
-from tigbev.models.losses import DenseDepthLoss, DenseFeatureMSE, InnerDepthLoss, InnerFeatureDistillation
+from tigbev.geometry import (
+    KEYPOINT_ENLARGE_M,
+    KEYPOINT_GRID,
+    NUSCENES_POINT_RANGE_M,
+    BevGrid,
+)
+from tigbev.geometry.bev_sampling import sample_bev
+from tigbev.models.losses import (
+    DenseDepthLoss,
+    DenseFeatureMSE,
+    InnerDepthLoss,
+    InnerFeatureDistillation,
+)
 from tigbev.models.self_assessment import SelfAssessmentDistill
 from tigbev.models.student.checkpoint import CHECKPOINT_FORMAT, load_student_checkpoint
-from tigbev.models.student.student import FEATURE_STRIDE, CameraStudent, StudentConfig, student_preset
-from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
-from tigbev.pipeline.run_dir import check_resume, check_run_dir, remove_temporaries
-from tigbev.pipeline.training_log import TrainingLog
+from tigbev.models.student.student import (
+    FEATURE_STRIDE,
+    CameraStudent,
+    StudentConfig,
+    student_preset,
+)
+from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
+from tigbev.utils.training_log import TrainingLog
 
 __all__ = ["DistillationModel", "StepTimes", "TrainStudentResult", "run", "training_step"]
 
 _LOG_EVERY = 5
 # The teacher's box filter when there is no cache (teacher point range); the nuScenes range of both presets.
-_POINT_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+_POINT_RANGE = NUSCENES_POINT_RANGE_M
 
 
 @dataclass(frozen=True)
@@ -133,42 +149,6 @@ def _teacher_in_student_frame(teacher_map: torch.Tensor, bda: torch.Tensor, teac
     return feats.transpose(1, 2).reshape(b, -1, h, w)
 
 
-class _OnlineTeacher:
-    """The published way: the frozen teacher runs on each batch's LiDAR (un-augmented key lidar frame).
-
-    The points come with the batch (``CameraBatch.lidar_points``, read by the DataLoader workers when the dataset
-    is given ``lidar_reader=online.reader``); a batch without them has its LiDAR read here, in the training process.
-    """
-
-    def __init__(self, checkpoint: Path, reader: NuScenesReader, device: torch.device):
-        from tigbev.models.teacher.checkpoint import load_teacher  # imported only in online mode
-        from tigbev.models.teacher.frozen import FrozenTeacher
-
-        model, self.cfg, self.ckpt = load_teacher(checkpoint, device)
-        self.teacher = FrozenTeacher(model)
-        self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.cfg.num_sweeps)
-        self.device = device
-
-    def targets(self, batch: CameraBatch, grid_size: int = 24, enlarge_m: float = 1.6
-                ) -> tuple[TeacherTargets, torch.Tensor]:
-        points, kp_t, kp_s = [], [], []
-        for i, (token, boxes, bda) in enumerate(zip(batch.tokens, batch.gt_boxes, batch.bda)):
-            if batch.lidar_points is not None:
-                points.append(batch.lidar_points[i].to(self.device))
-            else:
-                points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
-            aug_from_lidar = bda.cpu().double().numpy()
-            raw = similarity_apply_boxes(np.linalg.inv(aug_from_lidar), boxes.cpu().double().numpy())  # un-augmented
-            kp = box_keypoints_xy(raw, enlarge_m=enlarge_m, grid_size=grid_size)
-            kp_t.append(torch.from_numpy(kp).float())
-            kp_s.append(torch.from_numpy(similarity_apply_xy(aug_from_lidar, kp)).float())
-        kt, ks, mask = pad_box_keypoints(kp_t, kp_s)
-        fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), the map only, an ordinary tensor
-        targets = TeacherTargets(kp_teacher_xy=kt, kp_student_xy=ks, box_mask=mask, map_cells=None,
-                                 map_features=fmap).to(self.device)
-        return targets, fmap
-
-
 @dataclass
 class StepTimes:
     """Wall-clock seconds of one training step's parts (CUDA synchronised at each boundary when on a GPU)."""
@@ -185,9 +165,9 @@ def _sync(device: torch.device) -> None:
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  batch: CameraBatch, *, online: _OnlineTeacher | None, teacher_hw: tuple[int, int],
-                  device: torch.device, use_amp: bool, grad_clip: float, keypoint_grid: int = 24,
-                  keypoint_enlarge_m: float = 1.6) -> tuple[torch.Tensor, dict[str, torch.Tensor], StepTimes]:
+                  batch: CameraBatch, *, online: OnlineTeacher | None, teacher_hw: tuple[int, int],
+                  device: torch.device, use_amp: bool, grad_clip: float, keypoint_grid: int = KEYPOINT_GRID,
+                  keypoint_enlarge_m: float = KEYPOINT_ENLARGE_M) -> tuple[torch.Tensor, dict[str, torch.Tensor], StepTimes]:
     """One optimisation step on a batch already on ``device``: teacher targets (online teacher or the cached
     cells), forward, named losses, finite check, backward, gradient clipping, optimiser and scaler update.
 
@@ -253,7 +233,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     cache = None
     teacher_grid: BevGrid | None = None
     teacher_channels: int | None = None
-    online: _OnlineTeacher | None = None
+    online: OnlineTeacher | None = None
     cache_fingerprint: dict[str, Any] | None = None
     if cfg.teacher == "cache" and cfg.cache is not None:
         cache = CacheReader(cfg.cache)
@@ -262,7 +242,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         cache_fingerprint = {"teacher": cache.manifest.teacher.checkpoint_sha256,
                              "dataset": cache.manifest.to_dict()["dataset"], "url": cache.url}
     elif cfg.teacher == "online":
-        online = _OnlineTeacher(cfg.teacher_checkpoint, reader, device)
+        online = OnlineTeacher(cfg.teacher_checkpoint, reader, device)
         teacher_grid, teacher_channels = online.cfg.bev_grid, online.cfg.bev_channels
 
     dataset = CameraDetectionDataset(
@@ -371,7 +351,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     log.plot(out / "loss_curve.png", f"camera student ({cfg.preset})")
     if rank == 0:
         if cfg.val_split is not None:
-            from tigbev.stages.evaluate import predict_student, score
+            from tigbev.engine.scoring import predict_student, score
 
             preds = predict_student(model.student, reader, reader.sample_tokens(cfg.val_split), device,
                                     cfg.batch_size, progress)

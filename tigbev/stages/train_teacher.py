@@ -20,13 +20,13 @@ from tigbev.config import TrainTeacherConfig
 from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.lidar_dataset import LidarDetectionDataset, collate_lidar
 from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.engine.scoring import predict_teacher, score
 from tigbev.errors import TigbevError
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
-from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
-from tigbev.pipeline.run_dir import check_resume, check_run_dir, remove_temporaries
-from tigbev.pipeline.training_log import TrainingLog
-from tigbev.stages.evaluate import predict_teacher, score
+from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
+from tigbev.utils.training_log import TrainingLog
 
 __all__ = ["TrainTeacherResult", "run"]
 

@@ -36,8 +36,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tigbev.data.targets import DepthBins
 from tigbev.geometry import BevGrid
-from tigbev.models.losses import DepthBins
 from tigbev.models.student.neck import conv_bn_relu
 from tigbev.models.student.resnet import BasicBlock
 

@@ -17,9 +17,14 @@ import torch
 from torch import nn
 
 from tigbev.data.camera_batch import CameraBatch
+from tigbev.data.targets import DepthBins
 from tigbev.geometry import BevGrid
-from tigbev.models.heads import NUSCENES_NMS_RADII_M, NUSCENES_TASKS, CenterHead, CenterHeadConfig
-from tigbev.models.losses import DepthBins
+from tigbev.models.heads import (
+    NUSCENES_NMS_RADII_M,
+    NUSCENES_TASKS,
+    CenterHead,
+    CenterHeadConfig,
+)
 from tigbev.models.student.bev_encoder import BevEncoder
 from tigbev.models.student.lss import LssViewTransform
 from tigbev.models.student.neck import ImageNeck

@@ -13,8 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tigbev.geometry import BevGrid
-from tigbev.models.heads import NUSCENES_NMS_RADII_M, NUSCENES_TASKS, CenterHead, CenterHeadConfig
+from tigbev.geometry import NUSCENES_POINT_RANGE_M, BevGrid
+from tigbev.models.heads import (
+    NUSCENES_NMS_RADII_M,
+    NUSCENES_TASKS,
+    CenterHead,
+    CenterHeadConfig,
+)
 from tigbev.models.spconv_compat import set_conv_algo
 from tigbev.models.teacher.backbone import SecondBackbone, SecondFpn, SparseEncoder
 from tigbev.models.teacher.voxelizer import Voxelizer
@@ -26,7 +31,7 @@ __all__ = ["CenterPoint", "TeacherConfig", "TeacherOutput", "teacher_preset"]
 class TeacherConfig:
     """Architecture of the CenterPoint teacher."""
 
-    point_range_m: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    point_range_m: tuple[float, float, float, float, float, float] = NUSCENES_POINT_RANGE_M
     """(x_min, y_min, z_min, x_max, y_max, z_max) in the lidar frame."""
     voxel_size_m: tuple[float, float, float] = (0.1, 0.1, 0.2)
     max_points_per_voxel: int = 10

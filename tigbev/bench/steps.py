@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tigbev.bench.config import POINT_RANGE, median
 from tigbev.errors import TigbevError
-from tigbev.stages.bench.config import POINT_RANGE, median
 
 __all__ = ["ModeSpec", "bench_steps"]
 
@@ -66,16 +66,17 @@ class _ModeState:
         import torch
         from torch.utils.data import DataLoader
 
-        from tigbev.cache_store import CacheReader
+        from tigbev.cache.store import CacheReader
         from tigbev.config import LossWeights, TrainStudentConfig
         from tigbev.data.augment import BevAugmentPolicy
         from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
         from tigbev.data.image_aug import ImageAugPolicy
         from tigbev.data.nuscenes_reader import NuScenesReader
+        from tigbev.engine.online_teacher import OnlineTeacher
         from tigbev.geometry import BevGrid
         from tigbev.models.student.student import FEATURE_STRIDE, student_preset
-        from tigbev.pipeline.provenance import pick_device
-        from tigbev.stages.train_student import DistillationModel, _OnlineTeacher
+        from tigbev.stages.train_student import DistillationModel
+        from tigbev.utils.provenance import pick_device
 
         self.spec = spec
         self.device = pick_device(spec.device)
@@ -87,7 +88,7 @@ class _ModeState:
                                   out_dir=Path("unused"), cache=spec.cache, teacher=spec.mode,  # type: ignore
                                   teacher_checkpoint=spec.teacher_checkpoint, weights=weights)
         cache = CacheReader(spec.cache) if spec.mode == "cache" else None
-        self.online = _OnlineTeacher(Path(spec.teacher_checkpoint), reader, self.device) \
+        self.online = OnlineTeacher(Path(spec.teacher_checkpoint), reader, self.device) \
             if spec.mode == "online" else None
         grid, channels = None, None
         if cache is not None:

@@ -9,8 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from tigbev.cache_schema import RAGGED_ARRAYS, shard_arrays, shard_index_path, shard_path, tokens_sha256
-from tigbev.cache_store import (
+from tigbev.cache.schema import (
+    RAGGED_ARRAYS,
+    shard_arrays,
+    shard_index_path,
+    shard_path,
+    tokens_sha256,
+)
+from tigbev.cache.store import (
     CacheError,
     CacheReader,
     fs_and_path,
@@ -98,7 +104,7 @@ def live_writers(url: str) -> list[str]:
     """The extractions writing this cache now (their live leases), described; nothing is changed."""
     import time
 
-    from tigbev.cache_lease import WriterLease
+    from tigbev.cache.lease import WriterLease
 
     fs, root = fs_and_path(url)
     now = time.time()
@@ -260,7 +266,7 @@ def keypoint_features(reader: CacheReader, sample) -> tuple[np.ndarray, np.ndarr
     import torch
 
     from tigbev.geometry import BevGrid
-    from tigbev.models.bev_sampling import sample_bev
+    from tigbev.geometry.bev_sampling import sample_bev
 
     grid = BevGrid(**reader.manifest.grid)
     m, k = sample.keypoints.shape[:2]

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tigbev.stages.bench.config import median
-from tigbev.stages.bench.loader import loader_rate
+from tigbev.bench.config import median
+from tigbev.bench.loader import loader_rate
 
 __all__ = ["camera_loader_rate", "train_epoch"]
 
@@ -20,7 +20,7 @@ def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], 
     import torch
     from torch.utils.data import DataLoader
 
-    from tigbev.cache_store import CacheReader
+    from tigbev.cache.store import CacheReader
     from tigbev.config import TrainStudentConfig
     from tigbev.data.augment import BevAugmentPolicy
     from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
@@ -28,8 +28,8 @@ def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], 
     from tigbev.data.nuscenes_reader import NuScenesReader
     from tigbev.geometry import BevGrid
     from tigbev.models.student.student import FEATURE_STRIDE, student_preset
-    from tigbev.pipeline.provenance import pick_device
     from tigbev.stages.train_student import DistillationModel, training_step
+    from tigbev.utils.provenance import pick_device
 
     dev = pick_device(device)
     torch.manual_seed(seed)
@@ -71,7 +71,7 @@ def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], 
 def camera_loader_rate(preset: str, dataroot: Path, split: str, tokens: Sequence[str], cache: str, workers: int,
                        n_items: int) -> float:
     """Full camera samples (images, augmentation, depth maps, cached targets) per second through a DataLoader."""
-    from tigbev.cache_store import CacheReader
+    from tigbev.cache.store import CacheReader
     from tigbev.data.augment import BevAugmentPolicy
     from tigbev.data.camera_dataset import CameraDetectionDataset
     from tigbev.data.image_aug import ImageAugPolicy

@@ -26,8 +26,8 @@ Outputs in ``out_dir``: ``bench.json``, ``bench.md`` (the tables), ``bench.png``
 throughput); intermediate data (synthetic dataset, random teacher, caches) in ``out_dir/work``.
 """
 
-from tigbev.stages.bench.config import GOALS, MODES, STORAGE_OPTIONS, BenchConfig, BenchResult
-from tigbev.stages.bench.report import markdown_tables, render
-from tigbev.stages.bench.runner import run
+from tigbev.bench.config import GOALS, MODES, STORAGE_OPTIONS, BenchConfig, BenchResult
+from tigbev.bench.report import markdown_tables, render
+from tigbev.bench.runner import run
 
 __all__ = ["GOALS", "MODES", "STORAGE_OPTIONS", "BenchConfig", "BenchResult", "markdown_tables", "render", "run"]

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tigbev.stages.bench.config import STORAGE_OPTIONS, median
-from tigbev.stages.bench.world import extract
+from tigbev.bench.config import STORAGE_OPTIONS, median
+from tigbev.bench.world import extract
 
 __all__ = ["bench_extraction", "bench_storage"]
 
@@ -24,7 +24,7 @@ def _forward_only(ckpt: Path, dataroot: Path, tokens: Sequence[str], device: str
     from tigbev.data.nuscenes_reader import NuScenesReader
     from tigbev.models.teacher.checkpoint import load_teacher
     from tigbev.models.teacher.frozen import FrozenTeacher
-    from tigbev.pipeline.provenance import pick_device
+    from tigbev.utils.provenance import pick_device
 
     dev = pick_device(device)
     model, tcfg, _ = load_teacher(ckpt, dev)
@@ -87,15 +87,15 @@ def _fidelity(url: str, ckpt: Path, dataroot: Path, preset: str, device: str, ma
     """
     import torch
 
-    from tigbev.cache_store import CacheReader
+    from tigbev.cache.store import CacheReader
     from tigbev.data.camera_batch import TeacherTargets
     from tigbev.data.nuscenes_reader import NuScenesReader
-    from tigbev.models.bev_sampling import sample_bev
+    from tigbev.geometry.bev_sampling import sample_bev
     from tigbev.models.losses import InnerFeatureDistillation
     from tigbev.models.student.student import student_preset
     from tigbev.models.teacher.checkpoint import load_teacher
     from tigbev.models.teacher.frozen import FrozenTeacher
-    from tigbev.pipeline.provenance import pick_device
+    from tigbev.utils.provenance import pick_device
 
     dev = pick_device(device)
     model, tcfg, _ = load_teacher(ckpt, dev)
@@ -140,7 +140,7 @@ def _fidelity(url: str, ckpt: Path, dataroot: Path, preset: str, device: str, ma
 
 def bench_storage(ckpt: Path, dataroot: Path, split: str, tokens: Sequence[str], work: Path, *, preset: str,
                   keypoint_grid: int, device: str, seed: int, bar: Any) -> dict[str, Any]:
-    from tigbev.stages.cache_tools import cache_info
+    from tigbev.cache.tools import cache_info
 
     out: dict[str, Any] = {}
     for features, dtype in STORAGE_OPTIONS:

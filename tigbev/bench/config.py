@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tigbev.errors import TigbevError
+from tigbev.geometry import NUSCENES_POINT_RANGE_M
 
 __all__ = ["GOALS", "MODES", "POINT_RANGE", "STORAGE_OPTIONS", "BenchConfig", "BenchResult", "Preset", "cycle",
            "median", "preset_keypoint_grid"]
@@ -29,7 +30,7 @@ GOALS: dict[str, tuple[str, float, str]] = {
                              "max"),
     "fidelity_rel_error": ("max relative error of the TiG losses from that cache vs the online teacher", 0.01, "max"),
 }
-POINT_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+POINT_RANGE = NUSCENES_POINT_RANGE_M
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tigbev.stages.bench.config import GOALS
+from tigbev.bench.config import GOALS
 
 __all__ = ["evaluate_goals", "finite_json", "markdown_tables", "plot_report", "render"]
 

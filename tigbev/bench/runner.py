@@ -7,13 +7,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tigbev.stages.bench.config import MODES, STORAGE_OPTIONS, BenchConfig, BenchResult, cycle, median
-from tigbev.stages.bench.extraction import bench_extraction, bench_storage
-from tigbev.stages.bench.growth import camera_loader_rate, train_epoch
-from tigbev.stages.bench.loader import bench_loader
-from tigbev.stages.bench.report import evaluate_goals, finite_json, markdown_tables, plot_report
-from tigbev.stages.bench.steps import ModeSpec, bench_steps
-from tigbev.stages.bench.world import extract, prepare_data, prepare_teacher
+from tigbev.bench.config import (
+    MODES,
+    STORAGE_OPTIONS,
+    BenchConfig,
+    BenchResult,
+    cycle,
+    median,
+)
+from tigbev.bench.extraction import bench_extraction, bench_storage
+from tigbev.bench.growth import camera_loader_rate, train_epoch
+from tigbev.bench.loader import bench_loader
+from tigbev.bench.report import (
+    evaluate_goals,
+    finite_json,
+    markdown_tables,
+    plot_report,
+)
+from tigbev.bench.steps import ModeSpec, bench_steps
+from tigbev.bench.world import extract, prepare_data, prepare_teacher
 
 __all__ = ["run"]
 
@@ -24,8 +36,8 @@ def run(cfg: BenchConfig) -> BenchResult:
     from tqdm import tqdm
 
     from tigbev.data.nuscenes_reader import NuScenesReader
-    from tigbev.pipeline.provenance import pick_device, provenance, write_json_atomic
-    from tigbev.pipeline.run_dir import check_output_dir
+    from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+    from tigbev.utils.run_dir import check_output_dir
 
     res = cfg.resolved()
     out = cfg.out_dir

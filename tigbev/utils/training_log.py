@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from tigbev.pipeline.plots import plot_loss_curves
+from tigbev.utils.plots import plot_loss_curves
 
 __all__ = ["TrainingLog"]
 

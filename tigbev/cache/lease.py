@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from tigbev.cache_schema import LEASE_DIR
+from tigbev.cache.schema import LEASE_DIR
 
 __all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "Lease", "LeaseConflict", "WriterLease"]
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tigbev.stages.bench.config import BenchConfig
+from tigbev.bench.config import BenchConfig
 
 __all__ = ["extract", "prepare_data", "prepare_teacher"]
 

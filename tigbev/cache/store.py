@@ -1,4 +1,4 @@
-"""Reading and writing the teacher cache (layout and meaning: tigbev/cache_schema.py). numpy, zarr, pyarrow only.
+"""Reading and writing the teacher cache (layout and meaning: tigbev/cache/schema.py). numpy, zarr, pyarrow only.
 
 The one shim for the zarr v3 API: store opening (local path or fsspec URL), array creation with codecs, and
 checksum errors turned into errors that name the sample and the array.
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from tigbev.cache_lease import LeaseConflict, WriterLease
-from tigbev.cache_schema import (
+from tigbev.cache.lease import LeaseConflict, WriterLease
+from tigbev.cache.schema import (
     CACHE_ATTR,
     INDEX_COLUMNS,
     CacheFormatError,
@@ -201,7 +201,7 @@ def shard_files(arr: Any, rows: range) -> list[str]:
 
 
 def holds_fill(data: NDArray) -> NDArray[np.bool_]:
-    """Which elements equal their dtype's fill value (cache_schema.missing_value): data that was never read."""
+    """Which elements equal their dtype's fill value (schema.missing_value): data that was never read."""
     fill = missing_value(str(data.dtype))
     return np.isnan(data) if isinstance(fill, float) else data == fill
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tigbev.stages.bench.config import median
+from tigbev.bench.config import median
 
 __all__ = ["bench_loader", "loader_rate"]
 
@@ -19,7 +19,7 @@ class _CacheReads:
     """A dataset whose item i is the cache's sample i % n, read and decoded (what the camera loader reads)."""
 
     def __init__(self, url: str, n_items: int):
-        from tigbev.cache_store import CacheReader
+        from tigbev.cache.store import CacheReader
 
         self.reader = CacheReader(url)
         self.n_items = n_items
@@ -54,7 +54,7 @@ class _MemmapReads:
 
 def _raw_copy(url: str, path: Path) -> list[tuple[int, int]]:
     """Write every sample's stored arrays (storage dtypes, no compression) to one file; (offset, size) per sample."""
-    from tigbev.cache_store import CacheReader
+    from tigbev.cache.store import CacheReader
 
     reader = CacheReader(url)
     offsets = []
