@@ -35,7 +35,7 @@ from tigbev.models.student.resnet import load_torchvision_weights
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
 from tigbev.pipeline.ablate import ABLATION_ROWS
 from tigbev.pipeline.demo import DEMO_KEYPOINT_GRID
-from tigbev.stages.train_student import _POINT_RANGE, DistillationModel
+from tigbev.stages.train_student import _POINT_RANGE, DistillationModel, weighted_losses
 from tigbev.utils.provenance import write_json_atomic
 
 DETECTION = ("heatmap", "bbox")
@@ -57,19 +57,17 @@ def measure(out: Path, scfg: StudentConfig, batches: list[Any], *, state: dict[s
         load_torchvision_weights(model.student.backbone, backbone)
     model.train()
     params = [p for p in model.student.parameters() if p.requires_grad]
-    factor = {"depth": weights.depth, "inner_depth": weights.inner_depth,
-              "inter_keypoint": weights.inter_keypoint, "inter_channel": weights.inter_channel}
     rows: dict[str, list[tuple[float, float, float]]] = {}
     hw = model.teacher_grid.shape_hw if model.teacher_grid is not None else (0, 0)
     for batch in batches:
-        losses = model(batch, batch.teacher.dense_map(*hw) if batch.teacher is not None else None)
-        terms = {k: v for k, v in losses.items() if k not in DETECTION}
-        terms["detection"] = sum(losses[k] for k in DETECTION)
-        for name, value in terms.items():
-            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        raw = model(batch, batch.teacher.dense_map(*hw) if batch.teacher is not None else None)  # unweighted
+        weighted = weighted_losses(raw, model.weight_dict)
+        terms = {k: (raw[k], v) for k, v in weighted.items() if k not in DETECTION}
+        terms["detection"] = (sum(raw[k] for k in DETECTION), sum(weighted[k] for k in DETECTION))
+        for name, (value, value_w) in terms.items():
+            grads = torch.autograd.grad(value_w, params, retain_graph=True, allow_unused=True)
             norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
-            w = factor.get(name, 1.0)
-            rows.setdefault(name, []).append((value.item() / w, value.item(), norm))
+            rows.setdefault(name, []).append((value.item(), value_w.item(), norm))
     result = {name: {"unweighted": statistics.fmean(r[0] for r in v), "weighted": statistics.fmean(r[1] for r in v),
                      "grad_norm": statistics.fmean(r[2] for r in v)} for name, v in rows.items()}
     for entry in result.values():

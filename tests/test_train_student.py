@@ -185,10 +185,18 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
     model = DistillationModel(scfg, cfg, online.cfg.bev_grid, online.cfg.bev_channels)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = model.distill.adapter.weight.detach().clone()
-    loss, losses, times = train_student.training_step(
+    teacher_before = batch.teacher
+    result = train_student.training_step(
         model, opt, torch.amp.GradScaler("cuda", enabled=False), batch, online=online,
         teacher_hw=online.cfg.bev_grid.shape_hw, device=torch.device("cpu"), use_amp=False, grad_clip=5.0,
         keypoint_grid=6)
-    assert torch.isfinite(loss) and losses["inter_channel"] > 0 and batch.teacher is not None
+    loss, losses, times = result.loss, result.losses, result.times
+    assert torch.isfinite(loss) and losses["inter_channel"] > 0
+    assert batch.teacher is teacher_before  # the step is pure: the online targets went into a copy of the batch
+    # one place applies the weights: weighted = weight x unweighted, and the total is their sum
+    assert set(result.unweighted) == set(losses)
+    for k, v in result.unweighted.items():
+        assert float(losses[k]) == pytest.approx(model.weight_dict[k] * float(v), rel=1e-6), k
+    assert float(loss) == pytest.approx(sum(float(v) for v in losses.values()), rel=1e-6)
     assert 0 < times.targets_s <= times.total_s
     assert not torch.equal(before, model.distill.adapter.weight)  # the optimiser stepped

@@ -28,6 +28,20 @@ def test_steps_every_n_and_the_last_epoch_means(tmp_path: Path) -> None:
     assert log.steps == [2, 3] and log.history == {"total": [2.0, 3.0], "det": [20.0, 30.0]}
 
 
+def test_unweighted_losses_are_logged_beside_the_weighted_ones_and_kept_off_the_curve(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with TrainingLog(path, every=1) as log:
+        log.step(1, 0, {"total": 13.0, "depth": 3.0}, unweighted={"depth": 1.0})
+        log.step(2, 0, {"total": 16.0, "depth": 6.0}, unweighted={"depth": 2.0})
+        log.end_epoch(0, 2)
+    recs = _records(path)
+    assert recs[0]["unweighted"] == {"depth": 1.0} and recs[1]["depth"] == 6.0
+    assert recs[2]["unweighted"] == {"depth": pytest.approx(1.5)} and recs[2]["depth"] == pytest.approx(4.5)
+    assert set(log.history) == {"total", "depth"}
+    with TrainingLog(path, every=1, resume_step=2) as resumed:  # a resumed log reads them back off the curve too
+        assert set(resumed.history) == {"total", "depth"} and resumed.history["depth"] == [3.0, 6.0]
+
+
 def test_a_resumed_log_keeps_the_earlier_curve(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     with TrainingLog(path, every=1) as log:

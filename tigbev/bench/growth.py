@@ -57,8 +57,8 @@ def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], 
         except StopIteration:
             break
         t1 = time.perf_counter()
-        _, _, times = training_step(model, opt, scaler, batch, online=None, teacher_hw=grid.shape_hw, device=dev,
-                                    use_amp=dev.type == "cuda", grad_clip=5.0, keypoint_grid=keypoint_grid)
+        times = training_step(model, opt, scaler, batch, online=None, teacher_hw=grid.shape_hw, device=dev,
+                              use_amp=dev.type == "cuda", grad_clip=5.0, keypoint_grid=keypoint_grid).times
         wait.append(t1 - t0)
         compute.append(times.total_s)
     seconds = time.perf_counter() - start

@@ -12,6 +12,7 @@ optimiser state), ``metrics.jsonl``, ``loss_curve.png``, and with a val split ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -59,7 +60,8 @@ from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.utils.training_log import TrainingLog
 
-__all__ = ["DistillationModel", "StepTimes", "TrainStudentResult", "run", "training_step"]
+__all__ = ["DistillationModel", "StepResult", "StepTimes", "TrainStudentResult", "run", "training_step",
+           "weighted_losses"]
 
 _LOG_EVERY = 5
 # The teacher's box filter when there is no cache (teacher point range); the nuScenes range of both presets.
@@ -78,13 +80,22 @@ class TrainStudentResult:
 
 class DistillationModel(nn.Module):
     """The student and every trainable piece of its losses (the inter-channel adapter, the dense-MSE adapter), so
-    one optimiser and one DDP wrapper hold them all. ``forward`` returns the named, weighted losses."""
+    one optimiser and one DDP wrapper hold them all.
+
+    The criterion the DETR way: ``forward`` returns the named, *unweighted* losses of the terms whose weight is
+    positive, and :attr:`weight_dict` holds each name's weight; :func:`weighted_losses` applies them (the only place
+    that does), so a log can show both."""
 
     def __init__(self, student_cfg: StudentConfig, cfg: TrainStudentConfig, teacher_grid: BevGrid | None,
                  teacher_channels: int | None):
         super().__init__()
         self.student = CameraStudent(student_cfg)
         self.weights = cfg.weights
+        w = cfg.weights
+        self.weight_dict: dict[str, float] = {
+            "heatmap": 1.0, "bbox": 1.0, "depth": w.depth, "inner_depth": w.inner_depth,
+            "inter_keypoint": w.inter_keypoint, "inter_channel": w.inter_channel, "dense_feature": w.dense_feature,
+            "self_assessment_seq": w.self_assessment, "self_assessment_anchor": w.self_assessment}
         self.dense_depth = DenseDepthLoss(student_cfg.depth_bins)
         self.inner_depth = InnerDepthLoss()
         self.teacher_grid = teacher_grid
@@ -94,8 +105,7 @@ class DistillationModel(nn.Module):
         if teacher_grid is not None and teacher_channels is not None:
             self.distill = InnerFeatureDistillation(
                 student_cfg.bev_channels, teacher_channels, student_grid=student_cfg.bev_grid,
-                teacher_grid=teacher_grid, weight_keypoint=cfg.weights.inter_keypoint,
-                weight_channel=cfg.weights.inter_channel)
+                teacher_grid=teacher_grid, weight_keypoint=1.0, weight_channel=1.0)  # weighted by weight_dict
             if cfg.weights.dense_feature > 0:
                 self.dense_mse = DenseFeatureMSE(student_cfg.bev_channels, teacher_channels,
                                                  student_grid=student_cfg.bev_grid, teacher_grid=student_cfg.bev_grid)
@@ -110,20 +120,20 @@ class DistillationModel(nn.Module):
         depth_m = batch.depth_m.flatten(0, 1)  # (B*N, h, w)
         w = self.weights
         if w.depth > 0:
-            losses["depth"] = w.depth * self.dense_depth(out.depth_logits, depth_m)
+            losses["depth"] = self.dense_depth(out.depth_logits, depth_m)
         if w.inner_depth > 0:
             centers = self.student.depth_bins.centers_m(out.depth_logits.device)
-            losses["inner_depth"] = w.inner_depth * self.inner_depth(out.depth_logits, centers, depth_m,
-                                                                     batch.depth_box.flatten(0, 1))
+            losses["inner_depth"] = self.inner_depth(out.depth_logits, centers, depth_m, batch.depth_box.flatten(0, 1))
         if self.distill is not None and teacher_map is not None and batch.teacher is not None:
             t = batch.teacher
-            losses.update(self.distill(out.bev_features, t.kp_student_xy, t.box_mask, teacher_bev=teacher_map,
-                                       teacher_keypoints_xy=t.kp_teacher_xy))
+            feature = self.distill(out.bev_features, t.kp_student_xy, t.box_mask, teacher_bev=teacher_map,
+                                   teacher_keypoints_xy=t.kp_teacher_xy)
+            losses.update({k: v for k, v in feature.items() if self.weight_dict[k] > 0})
             if self.dense_mse is not None or self.self_assessment is not None:
                 warped = _teacher_in_student_frame(teacher_map, batch.bda, self.teacher_grid,
                                                    self.student.cfg.bev_grid)
             if self.dense_mse is not None:
-                losses["dense_feature"] = w.dense_feature * self.dense_mse(out.bev_features, warped)
+                losses["dense_feature"] = self.dense_mse(out.bev_features, warped)
             if self.self_assessment is not None:
                 # A foreground cache holds the teacher map only around boxes: the loss counts the student cells
                 # whose teacher value was stored (whole cells after the BDA warp), never the zeros elsewhere.
@@ -132,9 +142,13 @@ class DistillationModel(nn.Module):
                     th, tw = self.teacher_grid.shape_hw
                     stored = _teacher_in_student_frame(t.stored_mask(th, tw), batch.bda, self.teacher_grid,
                                                        self.student.cfg.bev_grid) > 0.999
-                sa = self.self_assessment(out.bev_features, warped, stored)
-                losses.update({k: w.self_assessment * v for k, v in sa.items()})
+                losses.update(self.self_assessment(out.bev_features, warped, stored))
         return losses
+
+
+def weighted_losses(losses: dict[str, torch.Tensor], weight_dict: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Each named loss times its weight (the step's total is their sum)."""
+    return {k: weight_dict[k] * v for k, v in losses.items()}
 
 
 def _teacher_in_student_frame(teacher_map: torch.Tensor, bda: torch.Tensor, teacher_grid: BevGrid,
@@ -147,6 +161,17 @@ def _teacher_in_student_frame(teacher_map: torch.Tensor, bda: torch.Tensor, teac
     feats, _ = sample_bev(teacher_map.float(), xy, teacher_grid)  # (B, H*W, C)
     h, w = student_grid.shape_hw
     return feats.transpose(1, 2).reshape(b, -1, h, w)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step gives back: the total, the weighted and the unweighted named losses, and timings."""
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    """Weighted: what the total sums."""
+    unweighted: dict[str, torch.Tensor]
+    times: "StepTimes"
 
 
 @dataclass
@@ -167,23 +192,26 @@ def _sync(device: torch.device) -> None:
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   batch: CameraBatch, *, online: OnlineTeacher | None, teacher_hw: tuple[int, int],
                   device: torch.device, use_amp: bool, grad_clip: float, keypoint_grid: int = KEYPOINT_GRID,
-                  keypoint_enlarge_m: float = KEYPOINT_ENLARGE_M) -> tuple[torch.Tensor, dict[str, torch.Tensor], StepTimes]:
+                  keypoint_enlarge_m: float = KEYPOINT_ENLARGE_M) -> StepResult:
     """One optimisation step on a batch already on ``device``: teacher targets (online teacher or the cached
     cells), forward, named losses, finite check, backward, gradient clipping, optimiser and scaler update.
 
     ``model`` is the :class:`DistillationModel` (or its DDP wrapper); ``teacher_hw`` the teacher map's (H, W)
-    cells. Returns (total loss, named losses, timings). The learning-rate schedule is the caller's.
+    cells. The batch is not modified (the online teacher's targets go into a copy). The learning-rate schedule is
+    the caller's.
     """
     t0 = time.perf_counter()
     teacher_map = None
     if online is not None:
-        batch.teacher, teacher_map = online.targets(batch, grid_size=keypoint_grid, enlarge_m=keypoint_enlarge_m)
+        targets, teacher_map = online.targets(batch, grid_size=keypoint_grid, enlarge_m=keypoint_enlarge_m)
+        batch = dataclasses.replace(batch, teacher=targets)
     elif batch.teacher is not None:
         teacher_map = batch.teacher.dense_map(*teacher_hw)
     _sync(device)
     t1 = time.perf_counter()
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-        losses = model(batch, teacher_map)
+        unweighted = model(batch, teacher_map)
+    losses = weighted_losses(unweighted, (model.module if hasattr(model, "module") else model).weight_dict)
     loss = sum(losses.values())
     if not torch.isfinite(loss):
         raise TigbevError(f"non-finite student loss (samples {batch.tokens}): "
@@ -196,7 +224,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     scaler.step(optimizer)
     scaler.update()
     _sync(device)
-    return loss, losses, StepTimes(targets_s=t1 - t0, total_s=time.perf_counter() - t0)
+    return StepResult(loss=loss, losses=losses, unweighted=unweighted,
+                      times=StepTimes(targets_s=t1 - t0, total_s=time.perf_counter() - t0))
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -319,18 +348,20 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
                 t0 = time.perf_counter()
                 batch = batch.to(device)
                 try:
-                    loss, losses, _ = training_step(train_model, optimizer, scaler, batch, online=online,
-                                                    teacher_hw=(th, tw), device=device, use_amp=use_amp,
-                                                    grad_clip=cfg.grad_clip, keypoint_grid=cfg.keypoint_grid)
+                    result = training_step(train_model, optimizer, scaler, batch, online=online,
+                                           teacher_hw=(th, tw), device=device, use_amp=use_amp,
+                                           grad_clip=cfg.grad_clip, keypoint_grid=cfg.keypoint_grid)
                 except TigbevError as exc:
                     raise TigbevError(f"at step {step}: {exc}") from None
                 scheduler.step()
                 step += 1
                 step_times.append(time.perf_counter() - t0)
-                last = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+                last = {"total": float(result.loss.detach()),
+                        **{k: float(v.detach()) for k, v in result.losses.items()}}
                 bar.set_postfix(loss=f"{last['total']:.3f}")
                 log.step(step, epoch, last, last=step == total_steps, lr=scheduler.get_last_lr()[0],
-                         step_s=step_times[-1])
+                         step_s=step_times[-1],
+                         unweighted={k: float(v.detach()) for k, v in result.unweighted.items()})
                 if step >= total_steps:
                     finished_epoch = step % steps_per_epoch == 0
                     break

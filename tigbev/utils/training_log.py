@@ -18,8 +18,9 @@ from tigbev.utils.plots import plot_loss_curves
 
 __all__ = ["TrainingLog"]
 
-_NOT_LOSSES = frozenset({"kind", "step", "epoch", "lr", "step_s"})
-"""Keys of a step record that are not named losses (left out of the curve)."""
+_NOT_LOSSES = frozenset({"kind", "step", "epoch", "lr", "step_s", "unweighted"})
+"""Keys of a step record that are not named (weighted) losses, left out of the curve; ``unweighted`` holds the
+losses before their weights, when the trainer gives them."""
 
 
 class TrainingLog:
@@ -36,6 +37,7 @@ class TrainingLog:
         self.steps: list[int] = []
         self.history: dict[str, list[float]] = {}
         self._sums: dict[str, float] = {}
+        self._raw_sums: dict[str, float] = {}
         self._count = 0
         self._file: IO[str] | None = None
         self._kept: list[str] = []
@@ -80,23 +82,29 @@ class TrainingLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def step(self, step: int, epoch: int, losses: dict[str, float], *, last: bool = False, **extra: float) -> None:
-        """Record one optimiser step's named losses; written every ``every`` steps and when ``last``."""
+    def step(self, step: int, epoch: int, losses: dict[str, float], *, last: bool = False,
+             unweighted: dict[str, float] | None = None, **extra: float) -> None:
+        """Record one optimiser step's named (weighted) losses, and optionally the same losses before their
+        weights; written every ``every`` steps and when ``last``."""
         if not self.enabled:
             return
         for k, v in losses.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
+        for k, v in (unweighted or {}).items():
+            self._raw_sums[k] = self._raw_sums.get(k, 0.0) + v
         self._count += 1
         if step % self.every == 0 or last:
-            self._write({"kind": "step", "step": step, "epoch": epoch, **losses, **extra})
+            raw = {"unweighted": dict(unweighted)} if unweighted is not None else {}
+            self._write({"kind": "step", "step": step, "epoch": epoch, **losses, **extra, **raw})
             self._remember(step, losses)
 
     def end_epoch(self, epoch: int, step: int) -> None:
         """Write the epoch's mean of every named loss (nothing for an epoch without steps)."""
         if self.enabled and self._count:
+            raw = {"unweighted": {k: v / self._count for k, v in self._raw_sums.items()}} if self._raw_sums else {}
             self._write({"kind": "epoch", "epoch": epoch, "step": step,
-                         **{k: v / self._count for k, v in self._sums.items()}})
-        self._sums, self._count = {}, 0
+                         **{k: v / self._count for k, v in self._sums.items()}, **raw})
+        self._sums, self._raw_sums, self._count = {}, {}, 0
 
     def plot(self, path: Path, title: str) -> Path | None:
         """The loss curves of every step record (this run's and, after a resume, the earlier ones)."""
