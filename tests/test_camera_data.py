@@ -176,7 +176,8 @@ def _inside(points: np.ndarray, boxes: np.ndarray, margin_m: float) -> np.ndarra
 # --------------------------------------------------------------------------------------------------- dataset
 def test_augmented_depth_boxes_and_keypoints_land_on_the_same_physical_points(reader: NuScenesReader,
                                                                               cache: CacheReader) -> None:
-    """Everything is re-derived from raw LiDAR and the batch's own matrices (bda, img_aug, K, cam_from_lidar)."""
+    """Everything is re-derived from raw LiDAR and the batch's own matrices (aug_from_lidar, aug_px_from_px, K,
+    cam_from_lidar)."""
     ds = _dataset(reader, cache, image_policy=ImageAugPolicy(input_hw=HW, p_flip=1.0),
                   bda_policy=BevAugmentPolicy(p_flip=1.0), seed=5)
     ds.set_epoch(3)
@@ -184,17 +185,17 @@ def test_augmented_depth_boxes_and_keypoints_land_on_the_same_physical_points(re
     batch = collate_camera([ds[idx]])
     frame = reader.load_sample(ds.tokens[idx])
     stored = cache.read(cache.sample_idx(ds.tokens[idx]))
-    bda = batch.bda[0].double().numpy()
-    assert abs(math.degrees(math.atan2(abs(bda[1, 0]), abs(bda[0, 0])))) > 0.1  # a real rotation
+    aug_from_lidar = batch.aug_from_lidar[0].double().numpy()
+    assert abs(math.degrees(math.atan2(abs(aug_from_lidar[1, 0]), abs(aug_from_lidar[0, 0])))) > 0.1  # a real rotation
     boxes_aug = batch.gt_boxes[0].double().numpy()
-    np.testing.assert_allclose(boxes_aug, similarity_apply_boxes(bda, stored.boxes), atol=1e-4)
+    np.testing.assert_allclose(boxes_aug, similarity_apply_boxes(aug_from_lidar, stored.boxes), atol=1e-4)
     np.testing.assert_array_equal(batch.gt_labels[0].numpy(), stored.labels)
     assert len(boxes_aug) >= 3
 
-    points_aug = similarity_apply_points(bda, frame.lidar.key_points[:, :3].astype(np.float64))
+    points_aug = similarity_apply_points(aug_from_lidar, frame.lidar.key_points[:, :3].astype(np.float64))
     in_box = _inside(points_aug, boxes_aug, 0.01)  # (P, M) in the augmented frame
     surely_in = _inside(points_aug, boxes_aug, -0.01).any(axis=1)
-    lidar_from_aug = np.linalg.inv(bda)
+    lidar_from_aug = np.linalg.inv(aug_from_lidar)
     fg_cells = 0
     for ci, channel in enumerate(CAMERA_CHANNELS):
         cam = frame.camera(channel)
@@ -202,7 +203,7 @@ def test_augmented_depth_boxes_and_keypoints_land_on_the_same_physical_points(re
         cam_from_aug = batch.cam_from_lidar[0, ci].double().numpy() @ lidar_from_aug
         proj = project_to_image(points_aug, cam_from_aug, batch.intrinsics[0, ci].double().numpy(),
                                 (cam.width, cam.height), min_depth_m=MIN_DEPTH_M)
-        a = batch.img_aug[0, ci].double().numpy()
+        a = batch.aug_px_from_px[0, ci].double().numpy()
         uv = proj.uv @ a[:2, :2].T + a[:2, 2]
         cell_f = (uv + 0.5) / STRIDE
         ok = ((uv >= -0.5) & (uv < np.array([HW[1], HW[0]]) - 0.5)).all(axis=1)
@@ -222,13 +223,14 @@ def test_augmented_depth_boxes_and_keypoints_land_on_the_same_physical_points(re
         assert (bmap[row, col][nearest & surely_in[src]] >= 0).all()
     assert fg_cells >= 10
 
-    # The image is the original resampled by img_aug: compare with a bilinear lookup at orig_from_aug.
+    # The image is the original resampled by aug_px_from_px: compare with a bilinear lookup at orig_from_aug.
     cam = frame.camera(CAMERA_CHANNELS[1])
     orig = cam.load_image().astype(np.float64)
     img = batch.images[0, 1].numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
     vv, uu = np.mgrid[: HW[0], : HW[1]]
-    src_uv = np.stack([uu, vv], -1).reshape(-1, 2) @ np.linalg.inv(batch.img_aug[0, 1].double().numpy())[:2, :2].T
-    src_uv += np.linalg.inv(batch.img_aug[0, 1].double().numpy())[:2, 2]
+    px_from_aug_px = np.linalg.inv(batch.aug_px_from_px[0, 1].double().numpy())
+    src_uv = np.stack([uu, vv], -1).reshape(-1, 2) @ px_from_aug_px[:2, :2].T
+    src_uv += np.linalg.inv(batch.aug_px_from_px[0, 1].double().numpy())[:2, 2]
     inner = (src_uv >= 1).all(axis=1) & (src_uv[:, 0] < cam.width - 2) & (src_uv[:, 1] < cam.height - 2)
     x, y = src_uv[inner].T
     x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
@@ -238,12 +240,13 @@ def test_augmented_depth_boxes_and_keypoints_land_on_the_same_physical_points(re
     got = img.reshape(-1, 3)[inner] * 255
     assert inner.mean() > 0.8 and np.abs(got - want).mean() < 1.0 and np.abs(got - want).max() < 4.0
 
-    # Keypoints: one index, one physical point; student = bda(teacher), inside the augmented enlarged box.
+    # Keypoints: one index, one physical point; student = aug_from_lidar(teacher), inside the augmented enlarged box.
     t = batch.teacher
     assert t is not None and t.box_mask.all()
     np.testing.assert_array_equal(t.kp_teacher_xy[0].numpy(), stored.keypoints)
-    np.testing.assert_allclose(t.kp_student_xy[0].double().numpy(), stored.keypoints @ bda[:2, :2].T, atol=1e-4)
-    scale = math.sqrt(abs(np.linalg.det(bda[:2, :2])))
+    np.testing.assert_allclose(t.kp_student_xy[0].double().numpy(), stored.keypoints @ aug_from_lidar[:2, :2].T,
+                               atol=1e-4)
+    scale = math.sqrt(abs(np.linalg.det(aug_from_lidar[:2, :2])))
     for kp, boxes, grow in ((t.kp_student_xy[0].double().numpy(), boxes_aug, 1.6 * scale),
                             (stored.keypoints.astype(np.float64), stored.boxes, 1.6)):
         for m, box in enumerate(boxes):
@@ -263,8 +266,8 @@ def test_without_augmentation_cached_depth_equals_depth_from_lidar(reader: NuSce
     idx = 2
     a, b = with_cache[idx], direct[idx]
     frame = reader.load_sample(with_cache.tokens[idx])
-    np.testing.assert_array_equal(a.img_aug.numpy(), np.broadcast_to(np.eye(3), (6, 3, 3)))
-    np.testing.assert_array_equal(a.bda.numpy(), np.eye(4))
+    np.testing.assert_array_equal(a.aug_px_from_px.numpy(), np.broadcast_to(np.eye(3), (6, 3, 3)))
+    np.testing.assert_array_equal(a.aug_from_lidar.numpy(), np.eye(4))
     boxes, _ = training_boxes(frame, TEACHER.point_range_m)
     np.testing.assert_allclose(a.boxes.numpy(), boxes, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(b.boxes.numpy(), boxes, rtol=1e-6, atol=1e-5)
@@ -328,7 +331,8 @@ def _item(token: str, m: int, *, cells: int | None, k: int = 4, c: int = 3) -> C
     fill = float(len(token))
     return CameraSample(
         token=token, images=torch.full((n, 3, h, w), fill), intrinsics=torch.eye(3).expand(n, 3, 3),
-        cam_from_lidar=torch.eye(4).expand(n, 4, 4), img_aug=torch.eye(3).expand(n, 3, 3), bda=torch.eye(4),
+        cam_from_lidar=torch.eye(4).expand(n, 4, 4), aug_px_from_px=torch.eye(3).expand(n, 3, 3),
+        aug_from_lidar=torch.eye(4),
         boxes=torch.ones((m, 9)), labels=torch.arange(m), depth_m=torch.zeros((n, 2, 3)),
         depth_box=torch.full((n, 2, 3), -1),
         kp_teacher_xy=torch.full((m, k, 2), fill), kp_student_xy=torch.full((m, k, 2), -fill),
@@ -383,7 +387,7 @@ def test_dataloader_worker_reopens_the_cache(reader: NuScenesReader, cache: Cach
     assert [len(b.tokens) for b in batches] == [2, 1]
     assert [t for b in batches for t in b.tokens] == ds.tokens
     local = collate_camera([ds[0], ds[1]])  # same (seed, epoch, index): same augmentation as in the worker
-    for name in ("images", "img_aug", "bda", "depth_m", "depth_box"):
+    for name in ("images", "aug_px_from_px", "aug_from_lidar", "depth_m", "depth_box"):
         torch.testing.assert_close(getattr(batches[0], name), getattr(local, name), rtol=0, atol=0)
     torch.testing.assert_close(batches[0].teacher.kp_student_xy, local.teacher.kp_student_xy, rtol=0, atol=0)
     torch.testing.assert_close(batches[0].teacher.map_features, local.teacher.map_features, rtol=0, atol=0)
@@ -402,7 +406,8 @@ def test_online_teacher_lidar_is_read_by_the_dataset(reader: NuScenesReader, syn
     assert got.lidar_points is not None and got.lidar_points.dtype == torch.float32
     np.testing.assert_array_equal(got.lidar_points.numpy(), want.points)  # BDA never touches the teacher's points
     assert len(want.points) > want.num_key_points  # earlier sweeps are there, so this is not the key sweep alone
-    for name in ("images", "boxes", "depth_m", "depth_box", "bda"):  # the key sweep alone still makes the depth
+    # the key sweep alone still makes the depth
+    for name in ("images", "boxes", "depth_m", "depth_box", "aug_from_lidar"):
         torch.testing.assert_close(getattr(got, name), getattr(plain[1], name), rtol=0, atol=0)
     loader = DataLoader(online, batch_size=2, num_workers=1, collate_fn=collate_camera)
     batch = next(iter(loader))

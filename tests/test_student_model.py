@@ -61,7 +61,7 @@ def six_camera_batch(cfg: StudentConfig, b: int = 1, seed: int = 0) -> CameraBat
     return CameraBatch(
         tokens=[f"s{i}" for i in range(b)], images=torch.randn(b, n, 3, h, w, generator=g),
         intrinsics=k.expand(b, n, 3, 3).clone(), cam_from_lidar=rig.expand(b, n, 4, 4).clone(),
-        img_aug=aug.expand(b, n, 3, 3).clone(), bda=torch.eye(4).expand(b, 4, 4).clone(),
+        aug_px_from_px=aug.expand(b, n, 3, 3).clone(), aug_from_lidar=torch.eye(4).expand(b, 4, 4).clone(),
         gt_boxes=[torch.tensor([[3.0, 12.0, -0.9, 4.5, 1.9, 1.6, 0.3, 1.0, 0.0]])] * b,
         gt_labels=[torch.tensor([DETECTION_CLASSES.index("car")])] * b,
         depth_m=torch.rand(b, n, fh, fw, generator=g) * 70, depth_box=torch.full((b, n, fh, fw), -1),
@@ -153,38 +153,40 @@ def test_feature_cell_centres() -> None:
 def test_frustum_point_by_hand() -> None:
     # Cell (1, 2) of a 96 x 64 image: pixel (39.5, 23.5); at 10.5 m, camera x = 10.5 (39.5 - 50) / 100 = -1.1025,
     # camera y = 10.5 (23.5 - 30) / 100 = -0.6825 -> lidar (x, y, z) = (-1.1025, 10.5, 0.6825).
-    k, cfl, aug, bda = _identity_mats(FORWARD_CAM)
-    pts = frustum_points(k, cfl, aug, bda, (4, 6), 16, torch.tensor([1.5, 10.5]))
+    k, cfl, aug, aug_from_lidar = _identity_mats(FORWARD_CAM)
+    pts = frustum_points(k, cfl, aug, aug_from_lidar, (4, 6), 16, torch.tensor([1.5, 10.5]))
     assert pts.shape == (1, 1, 2, 4, 6, 3)
     torch.testing.assert_close(pts[0, 0, 1, 1, 2], torch.tensor([-1.1025, 10.5, 0.6825], dtype=torch.float64))
 
 
 def test_frustum_round_trip_through_all_matrices() -> None:
-    """Any cell at any depth projects back (inverse bda, cam_from_lidar, K, img_aug) onto its own pixel centre."""
+    """Any cell at any depth projects back (inverse aug_from_lidar, cam_from_lidar, K, aug_px_from_px) onto its own
+    pixel centre."""
     cfl = cam_from_lidar_at(0.7, offset_m=1.3, height_m=0.4)
     c, s = 0.62 * math.cos(0.09), 0.62 * math.sin(0.09)
-    img_aug = torch.tensor([[-c, s, 120.0], [s, c, -40.0], [0, 0, 1]], dtype=torch.float64)  # flip, rotate, crop
-    bda = torch.eye(4, dtype=torch.float64)
+    aug_px_from_px = torch.tensor([[-c, s, 120.0], [s, c, -40.0], [0, 0, 1]], dtype=torch.float64)  # flip, rotate, crop
+    aug_from_lidar = torch.eye(4, dtype=torch.float64)
     r, sc = math.radians(20.0), 1.05
-    bda[:3, :3] = sc * torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)) @ torch.tensor(
+    aug_from_lidar[:3, :3] = sc * torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)) @ torch.tensor(
         [[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]], dtype=torch.float64)
     depths = torch.tensor([2.5, 17.5, 59.5])
-    pts = frustum_points(K_SMALL[None, None], cfl[None, None], img_aug[None, None], bda[None], (4, 6), 16, depths)
+    pts = frustum_points(K_SMALL[None, None], cfl[None, None], aug_px_from_px[None, None], aug_from_lidar[None], (4, 6),
+                         16, depths)
     homog = torch.cat([pts, torch.ones_like(pts[..., :1])], dim=-1)[0, 0]  # (D, h, w, 4)
-    cam = homog @ (cfl @ torch.linalg.inv(bda)).T
+    cam = homog @ (cfl @ torch.linalg.inv(aug_from_lidar)).T
     torch.testing.assert_close(cam[..., 2], depths.double()[:, None, None].expand(3, 4, 6))
-    pix = (cam[..., :3] / cam[..., 2:3]) @ (img_aug @ K_SMALL).T
+    pix = (cam[..., :3] / cam[..., 2:3]) @ (aug_px_from_px @ K_SMALL).T
     torch.testing.assert_close(pix[..., :2], feature_pixel_centers((4, 6), 16).expand(3, 4, 6, 2))
 
 
 # ------------------------------------------------------------------------------------------------------ splat
 
 
-def _one_feature_bev(bda: torch.Tensor, z_range=(-5.0, 3.0)) -> torch.Tensor:
+def _one_feature_bev(aug_from_lidar: torch.Tensor, z_range=(-5.0, 3.0)) -> torch.Tensor:
     """Context 1.0 in channel 1 at cell (1, 2) only, depth one-hot on the 10.5 m bin everywhere."""
     k, cfl, aug, _ = _identity_mats(FORWARD_CAM)
     depths = torch.arange(59) + 1.5  # the TiG bins [1, 60)
-    pts = frustum_points(k, cfl, aug, bda[None], (4, 6), 16, depths)
+    pts = frustum_points(k, cfl, aug, aug_from_lidar[None], (4, 6), 16, depths)
     prob = torch.zeros(1, 59, 4, 6)
     prob[:, 9] = 1.0  # bin 9: centre 10.5 m
     ctx = torch.zeros(1, 3, 4, 6)
@@ -207,16 +209,16 @@ def test_single_feature_lands_in_hand_computed_cell() -> None:
 
 
 def test_horizontal_flip_of_image_gives_the_same_bev() -> None:
-    """Mirrored features + a flip img_aug (u' = W - 1 - u) see the same rays: the pooled map is unchanged."""
+    """Mirrored features + a flip aug_px_from_px (u' = W - 1 - u) see the same rays: the pooled map is unchanged."""
     torch.manual_seed(0)
-    k, cfl, eye3, bda = _identity_mats(cam_from_lidar_at(1.2, height_m=1.0))
+    k, cfl, eye3, aug_from_lidar = _identity_mats(cam_from_lidar_at(1.2, height_m=1.0))
     flip = torch.tensor([[-1.0, 0, 95.0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)[None, None]  # W = 96
     depths = torch.arange(59) + 1.5
     prob = torch.randn(1, 59, 4, 6).softmax(1)
     ctx = torch.randn(1, 5, 4, 6)
-    plain = pool_to_bev(frustum_points(k, cfl, eye3, bda, (4, 6), 16, depths), prob, ctx, GRID, (-5.0, 3.0))
-    mirrored = pool_to_bev(frustum_points(k, cfl, flip, bda, (4, 6), 16, depths), prob.flip(-1), ctx.flip(-1),
-                           GRID, (-5.0, 3.0))
+    plain = pool_to_bev(frustum_points(k, cfl, eye3, aug_from_lidar, (4, 6), 16, depths), prob, ctx, GRID, (-5.0, 3.0))
+    mirrored = pool_to_bev(frustum_points(k, cfl, flip, aug_from_lidar, (4, 6), 16, depths), prob.flip(-1),
+                           ctx.flip(-1), GRID, (-5.0, 3.0))
     assert plain.abs().sum() > 0
     torch.testing.assert_close(mirrored, plain)
 
@@ -251,8 +253,8 @@ def test_camera_vector_entries() -> None:
     k = torch.tensor([[300.0, 0, 240], [0, 310, 135], [0, 0, 1]]).expand(1, 2, 3, 3).clone()
     cfl = torch.stack([cam_from_lidar_at(0.0, offset_m=1.0), cam_from_lidar_at(1.0)]).float()[None]
     aug = torch.tensor([[0.5, 0.1, 3.0], [-0.1, 0.5, -7.0], [0, 0, 1]]).expand(1, 2, 3, 3)
-    bda = torch.diag(torch.tensor([-1.05, 1.05, 1.05, 1.0]))[None]
-    vec = camera_vector(k, aug, bda, cfl)
+    aug_from_lidar = torch.diag(torch.tensor([-1.05, 1.05, 1.05, 1.0]))[None]
+    vec = camera_vector(k, aug, aug_from_lidar, cfl)
     assert vec.shape == (1, 2, CAMERA_VECTOR_DIM) == (1, 2, 27)
     assert vec[0, 0, :15].tolist() == pytest.approx([300, 310, 240, 135, 0.5, 0.1, 3, -0.1, 0.5, -7,
                                                      -1.05, 0, 0, 1.05, 1.05])
@@ -261,7 +263,7 @@ def test_camera_vector_entries() -> None:
     assert vec[0, 0, 18].item() == pytest.approx(1.0)  # camera 0 sits 1 m along lidar +x
     k2 = k.clone()
     k2[0, 1, 0, 0] = 350.0
-    changed = camera_vector(k2, aug, bda, cfl) != vec
+    changed = camera_vector(k2, aug, aug_from_lidar, cfl) != vec
     assert changed[0, 1, 0] and changed.sum() == 1
 
 
@@ -304,7 +306,8 @@ def test_demo_stage_shapes(demo_model_and_batch) -> None:
         neck = model.neck(feats)
         assert neck.shape == (6, 128, 8, 22)
         vt = model.view_transform(neck, intrinsics=batch.intrinsics, cam_from_lidar=batch.cam_from_lidar,
-                                  img_aug=batch.img_aug, bda=batch.bda, image_hw=cfg.input_hw)
+                                  aug_px_from_px=batch.aug_px_from_px, aug_from_lidar=batch.aug_from_lidar,
+                                  image_hw=cfg.input_hw)
         assert vt.bev.shape == (1, 64, 64, 64) and vt.depth_logits.shape == (6, 59, 8, 22)
         assert (vt.bev.abs().sum(1) > 0).float().mean() > 0.5  # the six cameras cover most of the grid
         out = model(batch)

@@ -105,9 +105,9 @@ def test_augmented_keypoints_are_the_same_physical_points(synth_root: Path, synt
                                 feature_stride=16, image_policy=ImageAugPolicy(input_hw=(128, 352)),
                                 bda_policy=BevAugmentPolicy(p_flip=1.0), seed=3, train=True)
     s = ds[1]
-    bda = s.bda.double().numpy()
-    np.testing.assert_allclose(s.kp_student_xy.double().numpy(), s.kp_teacher_xy.double().numpy() @ bda[:2, :2].T,
-                               atol=1e-4)
+    aug_from_lidar = s.aug_from_lidar.double().numpy()
+    np.testing.assert_allclose(s.kp_student_xy.double().numpy(),
+                               s.kp_teacher_xy.double().numpy() @ aug_from_lidar[:2, :2].T, atol=1e-4)
     # The centre keypoint of each box's lattice lands on the augmented box centre.
     g = 24
     centre = (s.kp_student_xy[:, (g // 2) * g + g // 2] + s.kp_student_xy[:, (g // 2 - 1) * g + g // 2 - 1]) / 2

@@ -24,7 +24,7 @@ def _forward_only(ckpt: Path, dataroot: Path, tokens: Sequence[str], device: str
     from tigbev.data.nuscenes_reader import NuScenesReader
     from tigbev.models.teacher.checkpoint import load_teacher
     from tigbev.models.teacher.frozen import FrozenTeacher
-    from tigbev.utils.provenance import pick_device
+    from tigbev.utils.device import pick_device
 
     dev = pick_device(device)
     model, tcfg, _ = load_teacher(ckpt, dev)
@@ -95,7 +95,7 @@ def _fidelity(url: str, ckpt: Path, dataroot: Path, preset: str, device: str, ma
     from tigbev.models.student.student import student_preset
     from tigbev.models.teacher.checkpoint import load_teacher
     from tigbev.models.teacher.frozen import FrozenTeacher
-    from tigbev.utils.provenance import pick_device
+    from tigbev.utils.device import pick_device
 
     dev = pick_device(device)
     model, tcfg, _ = load_teacher(ckpt, dev)

@@ -29,7 +29,7 @@ def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], 
     from tigbev.geometry import BevGrid
     from tigbev.models.student.student import FEATURE_STRIDE, student_preset
     from tigbev.stages.train_student import DistillationModel, training_step
-    from tigbev.utils.provenance import pick_device
+    from tigbev.utils.device import pick_device
 
     dev = pick_device(device)
     torch.manual_seed(seed)

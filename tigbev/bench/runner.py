@@ -36,7 +36,8 @@ def run(cfg: BenchConfig) -> BenchResult:
     from tqdm import tqdm
 
     from tigbev.data.nuscenes_reader import NuScenesReader
-    from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+    from tigbev.utils.device import pick_device
+    from tigbev.utils.provenance import provenance, write_json_atomic
     from tigbev.utils.run_dir import check_output_dir
 
     res = cfg.resolved()

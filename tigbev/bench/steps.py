@@ -75,7 +75,7 @@ class _ModeState:
         from tigbev.geometry import BevGrid
         from tigbev.models.student.student import FEATURE_STRIDE, student_preset
         from tigbev.stages.train_student import DistillationModel
-        from tigbev.utils.provenance import pick_device
+        from tigbev.utils.device import pick_device
 
         self.spec = spec
         self.device = pick_device(spec.device)

@@ -1,10 +1,11 @@
 """The typed batch a camera student trains on (stage two). Shapes are per batch of B samples with N cameras.
 
-Frames: ``cam_from_lidar`` maps the un-augmented key lidar frame to each camera; ``img_aug`` maps original image
-pixels to augmented input pixels (homogeneous 2D: [u', v', 1]^T = img_aug @ [u, v, 1]^T); ``bda`` maps the
-un-augmented lidar frame to the augmented BEV frame the student predicts in (4x4, a similarity about z). Boxes,
-``kp_student_xy`` and ``gt_boxes`` are in the augmented BEV frame; ``kp_teacher_xy`` and the teacher map cells are in
-the un-augmented frame the cache was written in, so one keypoint index names the same physical point in both maps.
+Frames: ``cam_from_lidar`` maps the un-augmented key lidar frame to each camera; ``aug_px_from_px`` maps original image
+pixels to augmented input pixels (homogeneous 2D: [u', v', 1]^T = aug_px_from_px @ [u, v, 1]^T);
+``aug_from_lidar`` maps the un-augmented lidar frame to the augmented BEV frame the student predicts in (4x4, a
+similarity about z, the BEV data augmentation or BDA). Boxes, ``kp_student_xy`` and ``gt_boxes`` are in the augmented
+BEV frame; ``kp_teacher_xy`` and the teacher map cells are in the un-augmented frame the cache was written in, so one
+keypoint index names the same physical point in both maps.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class TeacherTargets:
     """Distillation targets of a batch (from the cache, or from the online teacher)."""
 
     kp_teacher_xy: torch.Tensor  # (B, M, K, 2) float32 metric, un-augmented lidar frame
-    kp_student_xy: torch.Tensor  # (B, M, K, 2) float32 metric, augmented BEV frame (bda applied)
+    kp_student_xy: torch.Tensor  # (B, M, K, 2) float32 metric, augmented BEV frame (aug_from_lidar applied)
     box_mask: torch.Tensor  # (B, M) bool, False for padding
     map_cells: torch.Tensor | None  # (B, F) int64 flat cell index iy * W + ix, -1 for padding; None: dense map
     map_features: torch.Tensor  # (B, F, C) float16/float32 sparse cells, or (B, C, H, W) dense teacher map
@@ -59,8 +60,8 @@ class CameraBatch:
     images: torch.Tensor  # (B, N, 3, H, W) float32, normalised (ImageNet mean/std)
     intrinsics: torch.Tensor  # (B, N, 3, 3) original-image intrinsics
     cam_from_lidar: torch.Tensor  # (B, N, 4, 4)
-    img_aug: torch.Tensor  # (B, N, 3, 3) original pixel -> augmented input pixel
-    bda: torch.Tensor  # (B, 4, 4) un-augmented lidar -> augmented BEV frame
+    aug_px_from_px: torch.Tensor  # (B, N, 3, 3) original pixel -> augmented input pixel
+    aug_from_lidar: torch.Tensor  # (B, 4, 4) un-augmented lidar -> augmented BEV frame
     gt_boxes: list[torch.Tensor]  # B x (M_i, 9) augmented BEV frame
     gt_labels: list[torch.Tensor]  # B x (M_i,) int64
     depth_m: torch.Tensor  # (B, N, h, w) nearest LiDAR depth per feature cell (0: none), h = ceil(H / stride)
@@ -74,7 +75,7 @@ class CameraBatch:
         return CameraBatch(
             tokens=self.tokens, images=self.images.to(device, non_blocking=True),
             intrinsics=self.intrinsics.to(device), cam_from_lidar=self.cam_from_lidar.to(device),
-            img_aug=self.img_aug.to(device), bda=self.bda.to(device),
+            aug_px_from_px=self.aug_px_from_px.to(device), aug_from_lidar=self.aug_from_lidar.to(device),
             gt_boxes=[b.to(device) for b in self.gt_boxes], gt_labels=[b.to(device) for b in self.gt_labels],
             depth_m=self.depth_m.to(device), depth_box=self.depth_box.to(device),
             teacher=None if self.teacher is None else self.teacher.to(device),

@@ -45,8 +45,8 @@ class CameraSample:
     images: torch.Tensor  # (N, 3, H, W) float32, normalised
     intrinsics: torch.Tensor  # (N, 3, 3) original-image intrinsics
     cam_from_lidar: torch.Tensor  # (N, 4, 4)
-    img_aug: torch.Tensor  # (N, 3, 3) original pixel -> augmented pixel
-    bda: torch.Tensor  # (4, 4)
+    aug_px_from_px: torch.Tensor  # (N, 3, 3) original pixel -> augmented pixel
+    aug_from_lidar: torch.Tensor  # (4, 4)
     boxes: torch.Tensor  # (M, 9) float32, augmented BEV frame
     labels: torch.Tensor  # (M,) int64
     depth_m: torch.Tensor  # (N, h, w) float32, 0: no LiDAR point
@@ -135,9 +135,10 @@ class CameraDetectionDataset(Dataset):
         if not self.train:
             return [self.image_policy.eval_transform(wh) for wh in image_whs], BevTransform()
         streams = np.random.SeedSequence([self.seed, self.epoch, index]).spawn(1 + len(image_whs))
-        bda = BevTransform() if self.bda_policy is None else self.bda_policy.sample(np.random.default_rng(streams[0]))
+        aug_from_lidar = BevTransform() if self.bda_policy is None \
+            else self.bda_policy.sample(np.random.default_rng(streams[0]))
         img = [self.image_policy.sample(np.random.default_rng(s), wh) for s, wh in zip(streams[1:], image_whs)]
-        return img, bda
+        return img, aug_from_lidar
 
     def __getitem__(self, index: int) -> CameraSample:
         token = self.tokens[index]
@@ -154,7 +155,7 @@ class CameraDetectionDataset(Dataset):
             lidar_frame = frame if frame is not None else self.lidar_reader.load_sample(token)
             lidar_points = torch.from_numpy(np.ascontiguousarray(lidar_frame.lidar.points, np.float32))
         cams = [views[ch] for ch in CAMERA_CHANNELS]
-        img_tfs, bda = self.transforms(index, [(c.width, c.height) for c in cams])
+        img_tfs, aug_from_lidar = self.transforms(index, [(c.width, c.height) for c in cams])
 
         cached = None
         if self.cache is not None:
@@ -180,9 +181,10 @@ class CameraDetectionDataset(Dataset):
             images=torch.from_numpy(images),
             intrinsics=torch.from_numpy(np.stack([c.intrinsics for c in cams]).astype(np.float32)),
             cam_from_lidar=torch.from_numpy(np.stack([c.cam_from_lidar for c in cams]).astype(np.float32)),
-            img_aug=torch.from_numpy(np.stack([t.matrix for t in img_tfs]).astype(np.float32)),
-            bda=torch.from_numpy(bda.matrix.astype(np.float32)),
-            boxes=torch.from_numpy(bda.apply_boxes(np.asarray(boxes, np.float64).reshape(-1, 9)).astype(np.float32)),
+            aug_px_from_px=torch.from_numpy(np.stack([t.matrix for t in img_tfs]).astype(np.float32)),
+            aug_from_lidar=torch.from_numpy(aug_from_lidar.matrix.astype(np.float32)),
+            boxes=torch.from_numpy(
+                aug_from_lidar.apply_boxes(np.asarray(boxes, np.float64).reshape(-1, 9)).astype(np.float32)),
             labels=torch.from_numpy(np.asarray(labels, np.int64)),
             depth_m=torch.stack(depth_maps),
             depth_box=torch.stack(box_maps),
@@ -191,7 +193,7 @@ class CameraDetectionDataset(Dataset):
         if cached is not None:
             kp = cached.keypoints  # (M, K, 2), un-augmented frame
             sample.kp_teacher_xy = torch.from_numpy(np.ascontiguousarray(kp, np.float32))
-            sample.kp_student_xy = torch.from_numpy(bda.apply_xy(kp).astype(np.float32))
+            sample.kp_student_xy = torch.from_numpy(aug_from_lidar.apply_xy(kp).astype(np.float32))
             sample.map_cells = None if cached.map_cells is None else torch.from_numpy(cached.map_cells)
             # fp16 as stored (exact for fp16 caches; int8 caches dequantise well within fp16's precision).
             sample.map_features = torch.from_numpy(cached.map_features.astype(np.float16))
@@ -221,8 +223,8 @@ def collate_camera(items: Sequence[CameraSample]) -> CameraBatch:
         images=torch.stack([s.images for s in items]),
         intrinsics=torch.stack([s.intrinsics for s in items]),
         cam_from_lidar=torch.stack([s.cam_from_lidar for s in items]),
-        img_aug=torch.stack([s.img_aug for s in items]),
-        bda=torch.stack([s.bda for s in items]),
+        aug_px_from_px=torch.stack([s.aug_px_from_px for s in items]),
+        aug_from_lidar=torch.stack([s.aug_from_lidar for s in items]),
         gt_boxes=[s.boxes for s in items],
         gt_labels=[s.labels for s in items],
         depth_m=torch.stack([s.depth_m for s in items]),

@@ -41,12 +41,12 @@ class OnlineTeacher:
     def targets(self, batch: CameraBatch, grid_size: int = KEYPOINT_GRID, enlarge_m: float = KEYPOINT_ENLARGE_M
                 ) -> tuple[TeacherTargets, torch.Tensor]:
         points, kp_t, kp_s = [], [], []
-        for i, (token, boxes, bda) in enumerate(zip(batch.tokens, batch.gt_boxes, batch.bda)):
+        for i, (token, boxes, aug_from_lidar) in enumerate(zip(batch.tokens, batch.gt_boxes, batch.aug_from_lidar)):
             if batch.lidar_points is not None:
                 points.append(batch.lidar_points[i].to(self.device))
             else:
                 points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
-            aug_from_lidar = bda.cpu().double().numpy()
+            aug_from_lidar = aug_from_lidar.cpu().double().numpy()
             raw = similarity_apply_boxes(np.linalg.inv(aug_from_lidar), boxes.cpu().double().numpy())  # un-augmented
             kp = box_keypoints_xy(raw, enlarge_m=enlarge_m, grid_size=grid_size)
             kp_t.append(torch.from_numpy(kp).float())

@@ -28,7 +28,7 @@ from tigbev.engine.scoring import (
     score,
 )
 from tigbev.errors import TigbevError
-from tigbev.utils.provenance import pick_device
+from tigbev.utils.device import pick_device
 from tigbev.utils.run_dir import check_output_dir
 
 __all__ = ["EvaluateConfig", "EvaluateResult", "run"]

@@ -35,7 +35,8 @@ from tigbev.data.targets import depth_points, training_boxes
 from tigbev.geometry import BevGrid, box_keypoints_xy
 from tigbev.models.teacher.checkpoint import load_teacher
 from tigbev.models.teacher.frozen import FrozenTeacher
-from tigbev.utils.provenance import file_sha256, pick_device, provenance
+from tigbev.utils.device import pick_device
+from tigbev.utils.provenance import file_sha256, provenance
 
 __all__ = ["ExtractResult", "foreground_cells", "run"]
 

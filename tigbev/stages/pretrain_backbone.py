@@ -38,7 +38,8 @@ from tigbev.errors import DatasetError, TigbevError
 from tigbev.models.student.neck import ImageNeck
 from tigbev.models.student.resnet import ResNet
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
-from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+from tigbev.utils.device import pick_device
+from tigbev.utils.provenance import provenance, write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.utils.training_log import TrainingLog
 

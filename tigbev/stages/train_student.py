@@ -56,7 +56,8 @@ from tigbev.models.student.student import (
     StudentConfig,
     student_preset,
 )
-from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+from tigbev.utils.device import pick_device
+from tigbev.utils.provenance import provenance, write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.utils.training_log import TrainingLog
 
@@ -130,7 +131,7 @@ class DistillationModel(nn.Module):
                                    teacher_keypoints_xy=t.kp_teacher_xy)
             losses.update({k: v for k, v in feature.items() if self.weight_dict[k] > 0})
             if self.dense_mse is not None or self.self_assessment is not None:
-                warped = _teacher_in_student_frame(teacher_map, batch.bda, self.teacher_grid,
+                warped = _teacher_in_student_frame(teacher_map, batch.aug_from_lidar, self.teacher_grid,
                                                    self.student.cfg.bev_grid)
             if self.dense_mse is not None:
                 losses["dense_feature"] = self.dense_mse(out.bev_features, warped)
@@ -140,7 +141,7 @@ class DistillationModel(nn.Module):
                 stored = None
                 if t.map_cells is not None:
                     th, tw = self.teacher_grid.shape_hw
-                    stored = _teacher_in_student_frame(t.stored_mask(th, tw), batch.bda, self.teacher_grid,
+                    stored = _teacher_in_student_frame(t.stored_mask(th, tw), batch.aug_from_lidar, self.teacher_grid,
                                                        self.student.cfg.bev_grid) > 0.999
                 losses.update(self.self_assessment(out.bev_features, warped, stored))
         return losses
@@ -151,12 +152,13 @@ def weighted_losses(losses: dict[str, torch.Tensor], weight_dict: dict[str, floa
     return {k: weight_dict[k] * v for k, v in losses.items()}
 
 
-def _teacher_in_student_frame(teacher_map: torch.Tensor, bda: torch.Tensor, teacher_grid: BevGrid,
+def _teacher_in_student_frame(teacher_map: torch.Tensor, aug_from_lidar: torch.Tensor, teacher_grid: BevGrid,
                               student_grid: BevGrid) -> torch.Tensor:
-    """The teacher map resampled at the student's cell centres (augmented frame -> un-augmented via inv(bda))."""
+    """The teacher map resampled at the student's cell centres (augmented frame -> un-augmented via
+    inv(aug_from_lidar))."""
     b = teacher_map.shape[0]
     centers = torch.from_numpy(student_grid.cell_centers_xy()).to(teacher_map).reshape(1, -1, 2).expand(b, -1, -1)
-    inv = torch.linalg.inv(bda.float())[:, :2, :2]  # BDA is linear (rotation, scale, flips) about the origin
+    inv = torch.linalg.inv(aug_from_lidar.float())[:, :2, :2]  # BDA is linear (rotation, scale, flips) about the origin
     xy = torch.einsum("bij,bnj->bni", inv, centers)
     feats, _ = sample_bev(teacher_map.float(), xy, teacher_grid)  # (B, H*W, C)
     h, w = student_grid.shape_hw

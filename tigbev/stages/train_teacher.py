@@ -24,7 +24,8 @@ from tigbev.engine.scoring import predict_teacher, score
 from tigbev.errors import TigbevError
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
-from tigbev.utils.provenance import pick_device, provenance, write_json_atomic
+from tigbev.utils.device import pick_device
+from tigbev.utils.provenance import provenance, write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.utils.training_log import TrainingLog
 

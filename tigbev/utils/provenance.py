@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_sha256", "git_commit", "package_versions", "pick_device", "provenance", "write_json_atomic"]
+__all__ = ["file_sha256", "git_commit", "package_versions", "provenance", "write_json_atomic"]
 
 _PACKAGES = ("tigbev", "torch", "numpy", "spconv-cu120", "nuscenes-devkit", "zarr", "numcodecs", "pyarrow")
 
@@ -69,15 +69,3 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     tmp.replace(out)
     return out
-
-
-def pick_device(requested: str = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
-    """'auto' -> CUDA when available, else CPU; otherwise the named device (an error if it is unavailable)."""
-    import torch
-
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} requested but CUDA is not available")
-    return dev

@@ -5,10 +5,11 @@ Frustum (``frustum_points``), per camera, feature cell ``(i, j)`` at stride ``s`
 
 - the cell covers input pixels ``u in [j*s - 0.5, (j+1)*s - 0.5)`` (docs/COORDINATES.md: pixel centres are integers;
   the same cell rule as ``nearest_depth_map``), so its centre is ``u = j*s + (s-1)/2``, ``v = i*s + (s-1)/2``;
-- original pixel ``[u_o, v_o, 1] ~ inv(img_aug) @ [u, v, 1]`` (the input image is the augmented one);
+- original pixel ``[u_o, v_o, 1] ~ inv(aug_px_from_px) @ [u, v, 1]`` (the input image is the augmented one);
 - camera point ``d * inv(K) @ [u_o, v_o, 1]`` (K's last row is [0, 0, 1], so depth is the camera z, as the LiDAR
   depth targets);
-- student-frame point ``bda @ inv(cam_from_lidar) @ [cam, 1]`` (the augmented BEV frame the head predicts in).
+- student-frame point ``aug_from_lidar @ inv(cam_from_lidar) @ [cam, 1]`` (the augmented BEV frame the head
+  predicts in).
 
 Depths are the bin centres ``d_min + (k + 0.5) * step`` (``DepthBins.centers_m``): a LiDAR depth in bin ``k`` trains
 the bin whose centre it is lifted to, and the expected depth of the inner-depth loss uses the same centres.
@@ -56,23 +57,24 @@ __all__ = [
 CAMERA_VECTOR_DIM = 27
 
 
-def camera_vector(intrinsics: torch.Tensor, img_aug: torch.Tensor, bda: torch.Tensor, cam_from_lidar: torch.Tensor
-                  ) -> torch.Tensor:
+def camera_vector(intrinsics: torch.Tensor, aug_px_from_px: torch.Tensor, aug_from_lidar: torch.Tensor,
+                  cam_from_lidar: torch.Tensor) -> torch.Tensor:
     """BEVDepth's 27-d camera vector per image, (B, N, 27) float32, in this order:
 
     - 0-3: ``fx, fy, cx, cy`` of the original-image intrinsics ``K``;
-    - 4-9: ``img_aug`` rows 0 and 1 (its 2x3 affine: ``a00, a01, t_u, a10, a11, t_v``; resize scale, rotation,
+    - 4-9: ``aug_px_from_px`` rows 0 and 1 (its 2x3 affine: ``a00, a01, t_u, a10, a11, t_v``; resize scale, rotation,
       flip and crop all show here);
-    - 10-14: ``bda[0, 0], bda[0, 1], bda[1, 0], bda[1, 1], bda[2, 2]`` (rotation about z, scale and flips);
+    - 10-14: ``A[0, 0], A[0, 1], A[1, 0], A[1, 1], A[2, 2]`` of ``A = aug_from_lidar`` (rotation about z, scale and
+      flips);
     - 15-26: the top 3x4 of ``lidar_from_cam = inv(cam_from_lidar)``, row-major (``r00 r01 r02 tx r10 ... tz``).
       BEVDepth uses sensor->ego; our reference frame is the key lidar frame, so it is camera->lidar here.
 
-    Inputs: intrinsics (B, N, 3, 3), img_aug (B, N, 3, 3), bda (B, 4, 4), cam_from_lidar (B, N, 4, 4).
+    Inputs: intrinsics (B, N, 3, 3), aug_px_from_px (B, N, 3, 3), aug_from_lidar (B, 4, 4), cam_from_lidar (B, N, 4, 4).
     """
     b, n = intrinsics.shape[:2]
     k = intrinsics.double()
-    aug = img_aug.double()
-    bd = bda.double()[:, None].expand(b, n, 4, 4)
+    aug = aug_px_from_px.double()
+    bd = aug_from_lidar.double()[:, None].expand(b, n, 4, 4)
     lidar_from_cam = torch.linalg.inv(cam_from_lidar.double())
     parts = [
         k[..., 0, 0], k[..., 1, 1], k[..., 0, 2], k[..., 1, 2],
@@ -95,20 +97,21 @@ def feature_pixel_centers(feature_hw: tuple[int, int], stride: int, device: torc
 
 
 @torch.no_grad()
-def frustum_points(intrinsics: torch.Tensor, cam_from_lidar: torch.Tensor, img_aug: torch.Tensor, bda: torch.Tensor,
-                   feature_hw: tuple[int, int], stride: int, depths_m: torch.Tensor) -> torch.Tensor:
+def frustum_points(intrinsics: torch.Tensor, cam_from_lidar: torch.Tensor, aug_px_from_px: torch.Tensor,
+                   aug_from_lidar: torch.Tensor, feature_hw: tuple[int, int], stride: int,
+                   depths_m: torch.Tensor) -> torch.Tensor:
     """Student-frame xyz (B, N, D, h, w, 3) float64 of every (depth bin, feature cell) of every camera.
 
-    intrinsics, img_aug (B, N, 3, 3); cam_from_lidar (B, N, 4, 4); bda (B, 4, 4); depths_m (D,).
+    intrinsics, aug_px_from_px (B, N, 3, 3); cam_from_lidar (B, N, 4, 4); aug_from_lidar (B, 4, 4); depths_m (D,).
     """
     b, n = intrinsics.shape[:2]
     dev = intrinsics.device
     uv = feature_pixel_centers(feature_hw, stride, dev)  # (h, w, 2)
     pix = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1)  # (h, w, 3) homogeneous, augmented image
-    orig = torch.einsum("bnij,hwj->bnhwi", torch.linalg.inv(img_aug.double()), pix)  # (B, N, h, w, 3)
-    orig = orig / orig[..., 2:3]  # a no-op for an affine img_aug; exact for a projective one
+    orig = torch.einsum("bnij,hwj->bnhwi", torch.linalg.inv(aug_px_from_px.double()), pix)  # (B, N, h, w, 3)
+    orig = orig / orig[..., 2:3]  # a no-op for an affine aug_px_from_px; exact for a projective one
     rays = torch.einsum("bnij,bnhwj->bnhwi", torch.linalg.inv(intrinsics.double()), orig)  # camera rays, z = 1
-    student_from_cam = bda.double()[:, None] @ torch.linalg.inv(cam_from_lidar.double())  # (B, N, 4, 4)
+    student_from_cam = aug_from_lidar.double()[:, None] @ torch.linalg.inv(cam_from_lidar.double())  # (B, N, 4, 4)
     rot, trans = student_from_cam[..., :3, :3], student_from_cam[..., :3, 3]
     dirs = torch.einsum("bnij,bnhwj->bnhwi", rot, rays)  # (B, N, h, w, 3): student-frame offset per metre of depth
     d = depths_m.double().to(dev).view(1, 1, -1, 1, 1, 1)
@@ -230,16 +233,18 @@ class LssViewTransform(nn.Module):
         self.register_buffer("depth_centers_m", bins.centers_m(), persistent=False)
 
     def forward(self, feats: torch.Tensor, *, intrinsics: torch.Tensor, cam_from_lidar: torch.Tensor,
-                img_aug: torch.Tensor, bda: torch.Tensor, image_hw: tuple[int, int]) -> ViewTransformOutput:
+                aug_px_from_px: torch.Tensor, aug_from_lidar: torch.Tensor, image_hw: tuple[int, int]
+                ) -> ViewTransformOutput:
         b, n = intrinsics.shape[:2]
         h, w = feats.shape[-2:]
         if (h, w) != (math.ceil(image_hw[0] / self.stride), math.ceil(image_hw[1] / self.stride)):
             raise ValueError(f"features {h} x {w} are not stride {self.stride} of the {image_hw} input")
         cam_vec = None
         if self.variant == "bevdepth":
-            cam_vec = camera_vector(intrinsics, img_aug, bda, cam_from_lidar).reshape(b * n, -1)  # (B*N, 27)
+            cam_vec = camera_vector(intrinsics, aug_px_from_px, aug_from_lidar, cam_from_lidar)
+            cam_vec = cam_vec.reshape(b * n, -1)  # (B*N, 27)
         depth_logits, context = self.depth_net(feats, cam_vec)  # (B*N, D, h, w), (B*N, C, h, w)
-        points = frustum_points(intrinsics, cam_from_lidar, img_aug, bda, (h, w), self.stride,
+        points = frustum_points(intrinsics, cam_from_lidar, aug_px_from_px, aug_from_lidar, (h, w), self.stride,
                                 self.depth_centers_m)  # (B, N, D, h, w, 3)
         depth_prob = depth_logits.float().softmax(dim=1)
         bev = pool_to_bev(points, depth_prob, context, self.grid, self.z_range_m)

@@ -190,11 +190,12 @@ class CameraStudent(nn.Module):
                              f", got {tuple(images.shape)}")
         b, n = images.shape[:2]
         for name, shape in (("intrinsics", (b, n, 3, 3)), ("cam_from_lidar", (b, n, 4, 4)),
-                            ("img_aug", (b, n, 3, 3)), ("bda", (b, 4, 4))):
+                            ("aug_px_from_px", (b, n, 3, 3)), ("aug_from_lidar", (b, 4, 4))):
             if tuple(getattr(batch, name).shape) != shape:
                 raise ValueError(f"CameraBatch.{name} must be {shape}, got {tuple(getattr(batch, name).shape)}")
         feats = self.neck(self.backbone(images.flatten(0, 1)))  # (B*N, neck_channels, h, w)
         vt = self.view_transform(feats, intrinsics=batch.intrinsics, cam_from_lidar=batch.cam_from_lidar,
-                                 img_aug=batch.img_aug, bda=batch.bda, image_hw=self.cfg.input_hw)
+                                 aug_px_from_px=batch.aug_px_from_px, aug_from_lidar=batch.aug_from_lidar,
+                                 image_hw=self.cfg.input_hw)
         bev_features = self.bev_encoder(vt.bev)  # (B, bev_channels, ny, nx)
         return StudentOutput(bev_features=bev_features, depth_logits=vt.depth_logits, preds=self.head(bev_features))
