@@ -118,6 +118,24 @@ def test_out_that_is_a_file_or_a_foreign_directory_is_refused(synth_root: Path, 
                     "exists")
 
 
+def test_a_cache_on_another_bev_range_is_refused_by_train_student(synth_root: Path, synth_cache: str,
+                                                                   tmp_path: Path) -> None:
+    import zarr
+
+    from tigbev.cache.schema import CACHE_ATTR
+
+    other = tmp_path / "other-range"
+    shutil.copytree(synth_cache, other)
+    group = zarr.open_group(str(other), mode="r+")
+    manifest = dict(group.attrs[CACHE_ATTR])
+    manifest["grid"] = {**manifest["grid"], "x_min_m": -40.0, "x_max_m": 40.0}
+    group.attrs[CACHE_ATTR] = manifest
+    out = tmp_path / "student"
+    _one_line_error(CliRunner().invoke(app, _student_args(synth_root, str(other), out)), str(other),
+                    "grid x_min_m: cache has -40.0, expected -51.2", "grid x_max_m")
+    assert not out.exists()  # refused before anything was written
+
+
 def test_debug_shows_the_traceback(tmp_path: Path, bad_files: dict[str, Path], synth_root: Path) -> None:
     result = CliRunner().invoke(app, ["--debug", "evaluate", str(bad_files["garbage"]), "--dataroot", str(synth_root),
                                       "--split", "synth_val", "--out", str(tmp_path / "e")])

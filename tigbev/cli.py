@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pickle
@@ -12,8 +13,8 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
+from tigbev.config import LossWeights, TrainStudentConfig
 from tigbev.errors import TigbevError
-from tigbev.geometry.keypoints import KEYPOINT_GRID
 
 app = typer.Typer(
     name="tigbev",
@@ -25,6 +26,18 @@ app = typer.Typer(
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _default(cls: type, name: str) -> Any:
+    """A configuration field's default, for an option's help: the configuration is the one home of defaults."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: None means not given, so the configuration's default applies."""
+    return {k: v for k, v in options.items() if v is not None}
+
 _DEBUG_ENV = "TIGBEV_DEBUG"
 _debug = {"on": False}
 """This invocation's --debug (set by the root callback on every invocation)."""
@@ -259,39 +272,51 @@ def train_student(
     backbone_weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                           help="torchvision ImageNet .pth for the ResNet.")] = None,
     val_split: Annotated[str | None, typer.Option(help="Evaluate the final model on this split.")] = None,
-    w_depth: Annotated[float, typer.Option(help="Dense depth loss weight.")] = 3.0,
-    w_inner_depth: Annotated[float, typer.Option(help="Inner-depth loss weight (TiG).")] = 1.0,
-    w_keypoint: Annotated[float, typer.Option(help="Inter-keypoint distillation weight (TiG).")] = 100.0,
-    w_channel: Annotated[float, typer.Option(help="Inter-channel distillation weight (TiG).")] = 10.0,
-    w_dense_feature: Annotated[float, typer.Option(help="Dense BEV feature MSE (a baseline, not TiG).")] = 0.0,
-    w_self_assessment: Annotated[float, typer.Option(
-        help="Self-assessment cross-attention distillation (METHOD.md section 7; TaT uses 0.1).")] = 0.0,
-    keypoint_grid: Annotated[int, typer.Option(min=2, help="Keypoints per box side, online teacher.")] = KEYPOINT_GRID,
+    w_depth: Annotated[float | None, typer.Option(
+        help=f"Dense depth loss weight (default {_default(LossWeights, 'depth')}).")] = None,
+    w_inner_depth: Annotated[float | None, typer.Option(
+        help=f"Inner-depth loss weight (TiG) (default {_default(LossWeights, 'inner_depth')}).")] = None,
+    w_keypoint: Annotated[float | None, typer.Option(
+        help=f"Inter-keypoint distillation weight (TiG) (default {_default(LossWeights, 'inter_keypoint')}).")] = None,
+    w_channel: Annotated[float | None, typer.Option(
+        help=f"Inter-channel distillation weight (TiG) (default {_default(LossWeights, 'inter_channel')}).")] = None,
+    w_dense_feature: Annotated[float | None, typer.Option(
+        help=f"Dense BEV feature MSE (a baseline, not TiG) (default {_default(LossWeights, 'dense_feature')}).")
+    ] = None,
+    w_self_assessment: Annotated[float | None, typer.Option(
+        help="Self-assessment cross-attention distillation (METHOD.md section 7; TaT uses 0.1) "
+             f"(default {_default(LossWeights, 'self_assessment')}).")] = None,
+    keypoint_grid: Annotated[int | None, typer.Option(min=2, help=(
+        f"Keypoints per box side, online teacher (default {_default(TrainStudentConfig, 'keypoint_grid')})."))] = None,
     baseline: Annotated[bool, typer.Option(help="No distillation: detection + dense depth only.")] = False,
-    epochs: Annotated[int, typer.Option(min=1)] = 12,
-    batch_size: Annotated[int, typer.Option(min=1)] = 2,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW), a finite number > 0.")] = 2e-4,
-    workers: Annotated[int, typer.Option(min=0)] = 1,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help=f"Default: {_default(TrainStudentConfig, 'epochs')}.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help=f"Default: {_default(TrainStudentConfig, 'batch_size')}.")] = None,
+    lr: Annotated[float | None, typer.Option(help=(
+        f"Peak learning rate (AdamW), a finite number > 0 (default {_default(TrainStudentConfig, 'lr')})."))] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help=f"Default: {_default(TrainStudentConfig, 'workers')}.")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Default: {_default(TrainStudentConfig, 'seed')}.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help=f"'auto', 'cpu' or 'cuda[:N]' (default {_default(TrainStudentConfig, 'device')}).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
     no_augment: Annotated[bool, typer.Option(help="Disable image and BEV augmentation.")] = False,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
 ) -> None:
     """Train a camera student with the TiG-BEV losses from the cache (or the online teacher, or none)."""
-    from tigbev.config import LossWeights, TrainStudentConfig
     from tigbev.stages import train_student as stage
 
-    weights = LossWeights.baseline() if baseline else LossWeights(
+    weights = LossWeights.baseline() if baseline else LossWeights(**_given(
         depth=w_depth, inner_depth=w_inner_depth, inter_keypoint=w_keypoint, inter_channel=w_channel,
-        dense_feature=w_dense_feature, self_assessment=w_self_assessment)
+        dense_feature=w_dense_feature, self_assessment=w_self_assessment))
     cfg = TrainStudentConfig(
         preset=preset, dataroot=dataroot, split=split, out_dir=out, cache=cache,
         teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
         teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
-        weights=weights, val_split=val_split,
-        epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
-        augment=not no_augment, max_steps=max_steps, keypoint_grid=keypoint_grid,
+        weights=weights, val_split=val_split, resume=resume, augment=not no_augment, max_steps=max_steps,
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device,
+                 keypoint_grid=keypoint_grid),
     )
     result = stage.run(cfg)
     typer.echo(f"student: {result.steps} steps in {result.seconds:.0f} s ({result.mean_step_s:.2f} s/step), "

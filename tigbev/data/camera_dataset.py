@@ -67,7 +67,8 @@ class CameraDetectionDataset(Dataset):
         cache: the teacher cache; GT boxes, depth points and teacher targets come from it. ``None``: GT boxes from
             ``training_boxes(frame, point_range_m)`` and depth from the key sweep; no teacher targets.
         split: the split name; the cache must have been extracted from it (checked once, here).
-        cache_grid: the teacher BEV grid the student expects; a cache on another grid is refused.
+        cache_grid: the student's BEV grid; a cache whose teacher map spans another range is refused (its cell size
+            may differ: keypoint features are sampled at metric positions).
         input_hw: network input (H, W) in pixels; must equal ``image_policy.input_hw``.
         feature_stride: pixels per depth-target cell (16 for a stride-16 image backbone).
         image_policy: image augmentation; with ``train=False`` its :meth:`~ImageAugPolicy.eval_transform` is used.
@@ -113,7 +114,8 @@ class CameraDetectionDataset(Dataset):
             # The cache must have been computed from these samples' records: their content, not only their tokens.
             num_sweeps = int(cache.manifest.teacher.config.get("num_sweeps", 1))
             cache.check_compatible(reader.fingerprint(split, self.tokens, num_sweeps=num_sweeps),
-                                   grid=None if cache_grid is None else cache_grid.to_dict())
+                                   grid=None if cache_grid is None else
+                                   {k: v for k, v in cache_grid.to_dict().items() if k != "cell_m"})
             cameras = list(cache.manifest.depth.get("cameras", []))
             if cameras != list(CAMERA_CHANNELS):
                 raise CacheError(f"cache {cache.url} indexes cameras as {cameras}, expected {list(CAMERA_CHANNELS)}")

@@ -279,6 +279,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     dataset = CameraDetectionDataset(
         reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
         image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=BevAugmentPolicy() if cfg.augment else None,
+        cache_grid=scfg.bev_grid,
         seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
         min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
         lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
