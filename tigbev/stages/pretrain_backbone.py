@@ -16,7 +16,6 @@ with a val split ``eval.json`` (depth-bin and class accuracy per cell, and the d
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,20 +26,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tigbev.checkpoint_file import load_weights_only, require_finite, save_atomic
+from tigbev.checkpoint_file import load_weights_only, save_atomic
 from tigbev.config import PretrainBackboneConfig
 from tigbev.data.camera_dataset import IMAGENET_MEAN, IMAGENET_STD
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.synth.raycast import LABEL_OBJECT0
 from tigbev.data.synth.writer import render_label_path
+from tigbev.engine.loop import (
+    backward_step,
+    begin_run,
+    plan_steps,
+    restore,
+    save_training_state,
+    start_run_dir,
+)
 from tigbev.errors import DatasetError, TigbevError
 from tigbev.models.student.neck import ImageNeck
 from tigbev.models.student.resnet import ResNet
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
-from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import provenance, write_json_atomic
-from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 from tigbev.utils.training_log import TrainingLog
 
 __all__ = ["NUM_CLASSES", "PretrainNet", "PretrainResult", "RenderedImages", "run"]
@@ -179,11 +184,8 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
     from tqdm import tqdm
 
     start = time.perf_counter()
-    out = cfg.out_dir
-    ckpt_path = out / "last.pt"
-    resuming = check_run_dir(out, resume=cfg.resume)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    started = begin_run(cfg.out_dir, resume=cfg.resume, seed=cfg.seed, device=cfg.device)
+    out, ckpt_path, resuming, device = started.out, started.checkpoint, started.resuming, started.device
     scfg = student_preset(cfg.preset)
     reader = NuScenesReader(cfg.dataroot)
     dataset = RenderedImages(reader, reader.sample_tokens(cfg.split), scfg, train=cfg.augment, seed=cfg.seed)
@@ -193,24 +195,17 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     net = PretrainNet(scfg).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
-    schedule_steps = cfg.epochs * steps_per_epoch
-    total_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=schedule_steps,
+    plan = plan_steps(len(dataset), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    total_steps = plan.total_steps
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=plan.schedule_steps,
                                                     pct_start=0.2, div_factor=10.0, final_div_factor=100.0)
     epoch0, step = 0, 0
     if resuming:
         ckpt = load_weights_only(ckpt_path, what="pretrain checkpoint", map_location=device)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise TigbevError(f"{ckpt_path} is not a tigbev pretrain checkpoint")
-        check_resume(ckpt_path, ckpt["train_config"], cfg.to_dict())
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        epoch0, step = ckpt["epoch"], ckpt["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out)
-    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "student": scfg.to_dict()})
+        epoch0, step = restore(ckpt_path, ckpt, cfg.to_dict(), net, optimizer, scheduler)
+    start_run_dir(out, {"train": cfg.to_dict(), "student": scfg.to_dict()})
     last: dict[str, float] = {}
     net.train()
     with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, resume_step=step if resuming else None) as log:
@@ -224,13 +219,8 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
             for images, depth_bin, cls in bar:
                 losses = _losses(net, images.to(device), depth_bin.to(device), cls.to(device))
                 loss = losses["depth"] + losses["class"]
-                if not torch.isfinite(loss):
-                    raise TigbevError(f"non-finite pretraining loss at step {step}: "
-                                      f"{ {k: float(v) for k, v in losses.items()} }")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                optimizer.step()
+                backward_step(loss, losses, net.parameters, optimizer, cfg.grad_clip,
+                              what=f"pretraining loss at step {step}")
                 scheduler.step()
                 step += 1
                 last = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
@@ -239,12 +229,10 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
                 if step >= total_steps:
                     break
             log.end_epoch(epoch, step)
-            state = net.state_dict()
-            require_finite(state, step=step, lr=cfg.lr, path=ckpt_path)
-            save_atomic(ckpt_path, {"format": CHECKPOINT_FORMAT, "model": state, "train_config": cfg.to_dict(),
-                                    "student_config": scfg.to_dict(), "epoch": epoch + 1, "step": step,
-                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split)})
+            save_training_state(ckpt_path, net, epoch=epoch + 1, step=step, lr=cfg.lr, optimizer=optimizer,
+                                scheduler=scheduler, format=CHECKPOINT_FORMAT, train_config=cfg.to_dict(),
+                                student_config=scfg.to_dict(),
+                                provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split))
     log.plot(out / "loss_curve.png", f"backbone pretraining ({cfg.preset})")
     backbone = save_atomic(out / "backbone.pth", net.backbone.state_dict())
     metrics = None

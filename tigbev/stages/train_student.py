@@ -26,13 +26,19 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tigbev.cache.store import CacheReader
-from tigbev.checkpoint_file import require_finite, save_atomic
 from tigbev.config import TrainStudentConfig
 from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.camera_batch import CameraBatch
 from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.engine.loop import (
+    backward_step,
+    plan_steps,
+    restore,
+    save_training_state,
+    start_run_dir,
+)
 from tigbev.engine.online_teacher import OnlineTeacher
 from tigbev.errors import TigbevError
 from tigbev.geometry import (
@@ -57,8 +63,8 @@ from tigbev.models.student.student import (
     student_preset,
 )
 from tigbev.utils.device import pick_device
-from tigbev.utils.provenance import provenance, write_json_atomic
-from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
+from tigbev.utils.provenance import provenance
+from tigbev.utils.run_dir import check_run_dir
 from tigbev.utils.training_log import TrainingLog
 
 __all__ = ["DistillationModel", "StepResult", "StepTimes", "TrainStudentResult", "run", "training_step",
@@ -215,16 +221,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
         unweighted = model(batch, teacher_map)
     losses = weighted_losses(unweighted, (model.module if hasattr(model, "module") else model).weight_dict)
     loss = sum(losses.values())
-    if not torch.isfinite(loss):
-        raise TigbevError(f"non-finite student loss (samples {batch.tokens}): "
-                          f"{ {k: float(v) for k, v in losses.items()} }")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    params = model.module.parameters() if hasattr(model, "module") else model.parameters()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    backward_step(loss, losses, (model.module if hasattr(model, "module") else model).parameters, optimizer,
+                  grad_clip, what=f"student loss (samples {batch.tokens})", scaler=scaler)
     _sync(device)
     return StepResult(loss=loss, losses=losses, unweighted=unweighted,
                       times=StepTimes(targets_s=t1 - t0, total_s=time.perf_counter() - t0))
@@ -292,10 +290,8 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     model = model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    per_rank = math.ceil(len(dataset) / world)
-    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
-    schedule_steps = cfg.epochs * steps_per_epoch
-    total_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
+    plan = plan_steps(math.ceil(len(dataset) / world), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    steps_per_epoch, schedule_steps, total_steps = plan.steps_per_epoch, plan.schedule_steps, plan.total_steps
     # Linear warm-up, then the published step decay at 19/24 and 23/24 of training (x0.1 each).
     milestones = (round(schedule_steps * 19 / 24), round(schedule_steps * 23 / 24))
 
@@ -309,17 +305,11 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         ckpt = load_student_checkpoint(ckpt_path, map_location=device)
         saved_cache, this_cache = ({k: v for k, v in (c or {}).items() if k != "url"}
                                    for c in (ckpt.get("cache"), cache_fingerprint))
-        check_resume(ckpt_path, ckpt["train_config"], cfg.to_dict(),
-                     [] if saved_cache == this_cache else ["the teacher cache (its teacher or dataset fingerprint)"])
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        epoch0, step = ckpt["epoch"], ckpt["step"]
+        epoch0, step = restore(
+            ckpt_path, ckpt, cfg.to_dict(), model, optimizer, scheduler,
+            [] if saved_cache == this_cache else ["the teacher cache (its teacher or dataset fingerprint)"])
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(out)
-        write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "student": scfg.to_dict(),
-                                                "cache": cache_fingerprint})
+        start_run_dir(out, {"train": cfg.to_dict(), "student": scfg.to_dict(), "cache": cache_fingerprint})
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -370,17 +360,12 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
                     break
             log.end_epoch(epoch, step)
             if rank == 0:
-                state = model.state_dict()
-                require_finite(state, step=step, lr=cfg.lr, path=ckpt_path)
-                save_atomic(ckpt_path, {
-                    "format": CHECKPOINT_FORMAT, "model": state, "student_config": scfg.to_dict(),
-                    "train_config": cfg.to_dict(), "cache": cache_fingerprint,
-                    "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, cache=cfg.cache),
-                    # An epoch cut short by max_steps is redone on resume (from its start; steps keep counting).
-                    "epoch": epoch + 1 if finished_epoch else epoch, "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                })
+                # An epoch cut short by max_steps is redone on resume (from its start; steps keep counting).
+                save_training_state(
+                    ckpt_path, model, epoch=epoch + 1 if finished_epoch else epoch, step=step, lr=cfg.lr,
+                    optimizer=optimizer, scheduler=scheduler, format=CHECKPOINT_FORMAT,
+                    student_config=scfg.to_dict(), train_config=cfg.to_dict(), cache=cache_fingerprint,
+                    provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split, cache=cfg.cache))
     metrics = None
     log.plot(out / "loss_curve.png", f"camera student ({cfg.preset})")
     if rank == 0:

@@ -15,18 +15,23 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from tigbev.checkpoint_file import require_finite
 from tigbev.config import TrainTeacherConfig
 from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.lidar_dataset import LidarDetectionDataset, collate_lidar
 from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.engine.loop import (
+    backward_step,
+    begin_run,
+    plan_steps,
+    restore,
+    save_training_state,
+    start_run_dir,
+)
 from tigbev.engine.scoring import predict_teacher, score
-from tigbev.errors import TigbevError
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
-from tigbev.models.teacher.checkpoint import load_checkpoint, save_checkpoint
-from tigbev.utils.device import pick_device
-from tigbev.utils.provenance import provenance, write_json_atomic
-from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
+from tigbev.models.teacher.checkpoint import CHECKPOINT_FORMAT as TEACHER_FORMAT
+from tigbev.models.teacher.checkpoint import load_checkpoint
+from tigbev.utils.provenance import provenance
 from tigbev.utils.training_log import TrainingLog
 
 __all__ = ["TrainTeacherResult", "run"]
@@ -47,12 +52,9 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     from tqdm import tqdm
 
     start = time.perf_counter()
-    out = cfg.out_dir
-    ckpt_path = out / "last.pt"
     # Nothing is written before every input is checked: the run directory, the dataset, the checkpoint to resume.
-    resuming = check_run_dir(out, resume=cfg.resume)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    started = begin_run(cfg.out_dir, resume=cfg.resume, seed=cfg.seed, device=cfg.device)
+    out, ckpt_path, resuming, device = started.out, started.checkpoint, started.resuming, started.device
     model_cfg = teacher_preset(cfg.preset)
 
     reader = NuScenesReader(cfg.dataroot, num_sweeps=model_cfg.num_sweeps)
@@ -61,23 +63,15 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                                      augment=BevAugmentPolicy() if cfg.augment else None, seed=cfg.seed)
     model = CenterPoint(model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(dataset) + cfg.batch_size - 1) // cfg.batch_size
-    schedule_steps = cfg.epochs * steps_per_epoch
-    # max_steps stops early without changing the schedule, so a resumed run continues the same curve.
-    total_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=schedule_steps,
+    plan = plan_steps(len(dataset), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    total_steps = plan.total_steps
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=plan.schedule_steps,
                                                     pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
     epoch0, step = 0, 0
     if resuming:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        check_resume(ckpt_path, ckpt.get("train_config", {}), cfg.to_dict())
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        epoch0, step = ckpt["epoch"], ckpt["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out)
-    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "teacher": model_cfg.to_dict()})
+        epoch0, step = restore(ckpt_path, load_checkpoint(ckpt_path, map_location=device), cfg.to_dict(), model,
+                               optimizer, scheduler)
+    start_run_dir(out, {"train": cfg.to_dict(), "teacher": model_cfg.to_dict()})
 
     last_loss = float("nan")
     model.train()
@@ -97,13 +91,8 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                 targets = model.head.build_targets(batch.boxes, batch.labels)
                 losses = model.head.loss(output.preds, targets)
                 loss = losses["heatmap"] + losses["bbox"]
-                if not torch.isfinite(loss):
-                    raise TigbevError(f"non-finite teacher loss at step {step} (samples {batch.tokens}): "
-                                      f"{ {k: float(v) for k, v in losses.items()} }")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                backward_step(loss, losses, model.parameters, optimizer, cfg.grad_clip,
+                              what=f"teacher loss at step {step} (samples {batch.tokens})")
                 scheduler.step()
                 step += 1
                 last_loss = float(loss.detach())
@@ -113,14 +102,10 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                 if step >= total_steps:
                     break
             log.end_epoch(epoch, step)
-            state = model.state_dict()
-            require_finite(state, step=step, lr=cfg.lr, path=ckpt_path)
-            save_checkpoint(ckpt_path, {
-                "model": state, "teacher_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
-                "provenance": provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)),
-                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-            })
+            save_training_state(
+                ckpt_path, model, epoch=epoch + 1, step=step, lr=cfg.lr, optimizer=optimizer, scheduler=scheduler,
+                format=TEACHER_FORMAT, teacher_config=model_cfg.to_dict(), train_config=cfg.to_dict(),
+                provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)))
     log.plot(out / "loss_curve.png", f"CenterPoint teacher ({cfg.preset})")
     metrics = None
     if cfg.val_split is not None:
