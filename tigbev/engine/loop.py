@@ -23,7 +23,7 @@ from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 
-__all__ = ["RunStart", "StepPlan", "backward_step", "begin_run", "plan_steps", "restore", "save_training_state",
+__all__ = ["RunStart", "StepPlan", "adamw_one_cycle", "backward_step", "begin_run", "plan_steps", "restore", "save_training_state",
            "start_run_dir"]
 
 
@@ -61,6 +61,15 @@ def plan_steps(num_samples: int, batch_size: int, epochs: int, max_steps: int | 
     schedule_steps = epochs * steps_per_epoch
     return StepPlan(steps_per_epoch, schedule_steps,
                     schedule_steps if max_steps is None else min(schedule_steps, max_steps))
+
+
+def adamw_one_cycle(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float, plan: StepPlan,
+                    pct_start: float) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW with a one-cycle schedule over the whole plan (from lr / 10 up to lr, then down to lr / 1000)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=plan.schedule_steps,
+                                                          pct_start=pct_start, div_factor=10.0,
+                                                          final_div_factor=100.0)
 
 
 def restore(ckpt_path: Path, ckpt: dict[str, Any], config: dict[str, Any], model: nn.Module,

@@ -34,6 +34,7 @@ from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.synth.raycast import LABEL_OBJECT0
 from tigbev.data.synth.writer import render_label_path
 from tigbev.engine.loop import (
+    adamw_one_cycle,
     backward_step,
     begin_run,
     plan_steps,
@@ -194,11 +195,10 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
         val = DataLoader(RenderedImages(reader, reader.sample_tokens(cfg.val_split), scfg, train=False),
                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     net = PretrainNet(scfg).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plan = plan_steps(len(dataset), cfg.batch_size, cfg.epochs, cfg.max_steps)
     total_steps = plan.total_steps
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=plan.schedule_steps,
-                                                    pct_start=0.2, div_factor=10.0, final_div_factor=100.0)
+    optimizer, scheduler = adamw_one_cycle(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, plan=plan,
+                                           pct_start=0.2)
     epoch0, step = 0, 0
     if resuming:
         ckpt = load_weights_only(ckpt_path, what="pretrain checkpoint", map_location=device)

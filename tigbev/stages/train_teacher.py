@@ -20,6 +20,7 @@ from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.lidar_dataset import LidarDetectionDataset, collate_lidar
 from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.engine.loop import (
+    adamw_one_cycle,
     backward_step,
     begin_run,
     plan_steps,
@@ -62,11 +63,10 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     dataset = LidarDetectionDataset(reader, tokens, model_cfg.point_range_m,
                                      augment=BevAugmentPolicy() if cfg.augment else None, seed=cfg.seed)
     model = CenterPoint(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plan = plan_steps(len(dataset), cfg.batch_size, cfg.epochs, cfg.max_steps)
     total_steps = plan.total_steps
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=plan.schedule_steps,
-                                                    pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
+    optimizer, scheduler = adamw_one_cycle(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, plan=plan,
+                                           pct_start=0.3)
     epoch0, step = 0, 0
     if resuming:
         epoch0, step = restore(ckpt_path, load_checkpoint(ckpt_path, map_location=device), cfg.to_dict(), model,
