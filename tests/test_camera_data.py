@@ -302,8 +302,9 @@ def test_without_augmentation_cached_depth_equals_depth_from_lidar(reader: NuSce
 def test_a_cache_of_another_split_or_grid_is_refused(reader: NuScenesReader, cache: CacheReader) -> None:
     with pytest.raises(CacheError, match="split: cache has 'synth_train', dataset has 'synth_val'"):
         _dataset(reader, cache, split="synth_val")
-    with pytest.raises(CacheError, match="grid cell_m: cache has 1.6, expected 0.8"):
-        _dataset(reader, cache, cache_grid=BevGrid.square(51.2, 0.8))
+    with pytest.raises(CacheError, match="grid x_min_m: cache has -51.2, expected -40.0"):
+        _dataset(reader, cache, cache_grid=BevGrid.square(40.0, 1.6))
+    assert len(_dataset(reader, cache, cache_grid=BevGrid.square(51.2, 0.8))) == 3  # another cell size: sampled
     with pytest.raises(CacheError, match="num_samples: cache has 3, dataset has 2"):
         _dataset(reader, cache, tokens=reader.sample_tokens(SPLIT)[:2])
     with pytest.raises(ValueError, match="split name is required"):

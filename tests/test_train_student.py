@@ -196,7 +196,7 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
     # one place applies the weights: weighted = weight x unweighted, and the total is their sum
     assert set(result.unweighted) == set(losses)
     for k, v in result.unweighted.items():
-        assert float(losses[k]) == pytest.approx(model.weight_dict[k] * float(v), rel=1e-6), k
-    assert float(loss) == pytest.approx(sum(float(v) for v in losses.values()), rel=1e-6)
+        assert float(losses[k].detach()) == pytest.approx(model.weight_dict[k] * float(v.detach()), rel=1e-6), k
+    assert float(loss.detach()) == pytest.approx(sum(float(v.detach()) for v in losses.values()), rel=1e-6)
     assert 0 < times.targets_s <= times.total_s
     assert not torch.equal(before, model.distill.adapter.weight)  # the optimiser stepped
