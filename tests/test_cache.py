@@ -3,6 +3,7 @@ corruption detection, compatibility checks, fsspec URLs, and the cache CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -206,6 +207,13 @@ def test_two_parts_in_parallel_equal_one_process(teacher_ckpt: Path, synth_root:
         assert p.returncode == 0, err.decode()[-2000:]
     # Whichever part finished last consolidated the index and marked the cache complete.
     _assert_same_cache(out, ref)
+    # Each part left its resolved configuration (every default filled in) beside the cache.
+    parts = sorted(p.name for p in (out / "configs").iterdir())
+    assert parts == ["part-0-of-2.json", "part-1-of-2.json"]
+    resolved = json.loads((out / "configs" / "part-1-of-2.json").read_text())
+    assert resolved["extract"]["shard_index"] == 1 and resolved["extract"]["num_parts"] == 2
+    assert resolved["extract"]["keypoint_grid"] == CacheReader(str(out)).manifest.keypoints["grid_size"]
+    assert tuple(resolved["teacher"]["point_range_m"]) == teacher_preset("demo").point_range_m
 
 
 def test_flipped_byte_is_found_and_named(reference: Path, tmp_path: Path) -> None:
@@ -339,3 +347,18 @@ def test_extraction_of_a_given_token_list_with_repeats(teacher_ckpt: Path, synth
     np.testing.assert_array_equal(first.boxes, again.boxes)
     np.testing.assert_array_equal(first.map_features, again.map_features)
     assert verify_cache(str(out)) == []
+
+
+def test_the_keypoint_lattice_is_an_extract_teacher_option(teacher_ckpt: Path, synth_root: Path,
+                                                            tmp_path: Path) -> None:
+    """The demo's 12 x 12 caches (here 6 x 6, enlarged by 1 m) can be made from the command line."""
+    out = tmp_path / "kp6"
+    result = CliRunner().invoke(app, _cli_args(teacher_ckpt, synth_root, out, "--keypoint-grid", "6",
+                                               "--keypoint-enlarge-m", "1.0"))
+    assert result.exit_code == 0, result.output
+    reader = CacheReader(str(out))
+    assert reader.manifest.keypoints == {"enlarge_m": 1.0, "grid_size": 6}
+    sample = reader.read(0)
+    assert sample.keypoints.shape == (len(sample.boxes), 36, 2)
+    resolved = json.loads((out / "configs" / "part-0-of-1.json").read_text())["extract"]
+    assert (resolved["keypoint_grid"], resolved["keypoint_enlarge_m"], resolved["shard_samples"]) == (6, 1.0, 1)

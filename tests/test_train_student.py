@@ -3,6 +3,7 @@ targets, resume, and DDP under torchrun."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.engine.online_teacher import OnlineTeacher
+from tigbev.errors import TigbevError
 from tigbev.geometry import BevGrid
 from tigbev.stages import train_student
 from tigbev.stages.train_student import DistillationModel
@@ -74,7 +76,8 @@ def test_a_cache_of_another_split_is_refused(synth_root: Path, synth_cache: str,
 
 
 def test_cache_targets_equal_online_targets(synth_root: Path, synth_cache: str, demo_teacher_ckpt: Path) -> None:
-    """On an un-augmented batch the distillation losses from the cache equal those from the live teacher."""
+    """On an un-augmented batch the keypoints the loader lays for the online teacher equal the cached ones, and the
+    distillation losses from the cache equal those from the live teacher."""
     reader = NuScenesReader(synth_root)
     cache = CacheReader(synth_cache)
     cfg = _cfg(synth_root, Path("unused"), synth_cache)
@@ -88,11 +91,20 @@ def test_cache_targets_equal_online_targets(synth_root: Path, synth_cache: str, 
     batch = collate_camera([ds[0], ds[1]])
     torch.manual_seed(0)
     model = DistillationModel(scfg, cfg, grid, cache.manifest.features.channels).eval()
+    online = OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
+    kp_spec = cache.manifest.keypoints
+    live = CameraDetectionDataset(reader, reader.sample_tokens(SPLIT), cache=None, split=SPLIT,
+                                  input_hw=scfg.input_hw, feature_stride=16,
+                                  image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=None, train=False,
+                                  lidar_reader=online.reader, point_range_m=online.cfg.point_range_m,
+                                  online_keypoints=(kp_spec["grid_size"], kp_spec["enlarge_m"]))
+    live_batch = collate_camera([live[0], live[1]])
+    assert live_batch.teacher is not None and live_batch.teacher.map_features is None
+    torch.testing.assert_close(live_batch.teacher.kp_teacher_xy, batch.teacher.kp_teacher_xy, rtol=0, atol=1e-5)
     with torch.no_grad():
         from_cache = model(batch, batch.teacher.dense_map(*grid.shape_hw))
-        online = OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
-        batch.teacher, fmap = online.targets(batch)
-        from_online = model(batch, fmap)
+        targets, fmap = online.targets(live_batch)
+        from_online = model(dataclasses.replace(live_batch, teacher=targets), fmap)
     for k in ("inter_keypoint", "inter_channel"):
         assert from_cache[k] > 0
         assert float(from_cache[k]) == pytest.approx(float(from_online[k]), rel=2e-3), k
@@ -168,17 +180,26 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
           "bda_policy": BevAugmentPolicy(), "seed": 3, "train": True,
           "point_range_m": (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)}
     tokens = reader.sample_tokens(SPLIT)[:2]
-    with_lidar = CameraDetectionDataset(reader, tokens, cache=None, lidar_reader=online.reader, **kw)
-    without = CameraDetectionDataset(reader, tokens, cache=None, **kw)
+    with_lidar = CameraDetectionDataset(reader, tokens, cache=None, lidar_reader=online.reader,
+                                        online_keypoints=(6, 1.6), **kw)
+    without = CameraDetectionDataset(reader, tokens, cache=None, online_keypoints=(6, 1.6), **kw)
     batch = collate_camera([with_lidar[0], with_lidar[1]])
     assert batch.lidar_points is not None
     plain = collate_camera([without[0], without[1]])
     assert plain.lidar_points is None
-    t_loader, map_loader = online.targets(batch, grid_size=6)
-    t_process, map_process = online.targets(plain, grid_size=6)
+    t_loader, map_loader = online.targets(batch)
+    t_process, map_process = online.targets(plain)
     torch.testing.assert_close(map_loader, map_process, rtol=0, atol=0)
     torch.testing.assert_close(t_loader.kp_teacher_xy, t_process.kp_teacher_xy, rtol=0, atol=0)
     assert t_loader.kp_teacher_xy.shape[2] == 36
+    # The keypoints were laid on the un-augmented boxes and carried forward by the batch's BDA (never inverted).
+    aug = batch.aug_from_lidar.double()[:, None, None, :2, :2]
+    student_xy = (aug @ t_loader.kp_teacher_xy.double()[..., None])[..., 0]
+    torch.testing.assert_close(t_loader.kp_student_xy.double()[t_loader.box_mask], student_xy[t_loader.box_mask],
+                               rtol=0, atol=1e-4)
+    no_keypoints = CameraDetectionDataset(reader, tokens, cache=None, lidar_reader=online.reader, **kw)
+    with pytest.raises(TigbevError, match="no keypoints"):
+        online.targets(collate_camera([no_keypoints[0]]))
 
     torch.manual_seed(0)
     cfg = _cfg(synth_root, Path("unused"), None, teacher="online", teacher_checkpoint=demo_teacher_ckpt)
@@ -188,8 +209,7 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
     teacher_before = batch.teacher
     result = train_student.training_step(
         model, opt, torch.amp.GradScaler("cuda", enabled=False), batch, online=online,
-        teacher_hw=online.cfg.bev_grid.shape_hw, device=torch.device("cpu"), use_amp=False, grad_clip=5.0,
-        keypoint_grid=6)
+        teacher_hw=online.cfg.bev_grid.shape_hw, device=torch.device("cpu"), use_amp=False, grad_clip=5.0)
     loss, losses, times = result.loss, result.losses, result.times
     assert torch.isfinite(loss) and losses["inter_channel"] > 0
     assert batch.teacher is teacher_before  # the step is pure: the online targets went into a copy of the batch

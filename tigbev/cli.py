@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from tigbev.config import LossWeights, TrainStudentConfig
+from tigbev.config import ExtractTeacherConfig, LossWeights, TrainStudentConfig
 from tigbev.errors import TigbevError
 
 app = typer.Typer(
@@ -229,28 +229,42 @@ def extract_teacher(
     dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
     split: Annotated[str, typer.Option(help="Split to extract.")],
     out: Annotated[str, typer.Option(help="Cache: a directory or an fsspec URL (s3://..., memory://...).")],
-    features: Annotated[str, typer.Option(help="'foreground' (cells around boxes) or 'dense' (whole map).")]
-    = "foreground",
-    feature_dtype: Annotated[str, typer.Option(help="'float16' or 'int8' (per-channel scale; foreground).")]
-    = "float16",
-    shard_samples: Annotated[int, typer.Option(min=1, help="Samples per shard (unit of writing/resuming).")] = 8,
-    batch_size: Annotated[int, typer.Option(min=1, help="Teacher batch size (divides --shard-samples).")] = 2,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes.")] = 1,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    features: Annotated[str | None, typer.Option(help=(
+        "'foreground' (cells around boxes) or 'dense' (whole map) "
+        f"(default {_default(ExtractTeacherConfig, 'features')})."))] = None,
+    feature_dtype: Annotated[str | None, typer.Option(help=(
+        "'float16' or 'int8' (per-channel scale; foreground) "
+        f"(default {_default(ExtractTeacherConfig, 'feature_dtype')})."))] = None,
+    shard_samples: Annotated[int | None, typer.Option(min=1, help=(
+        "Samples per shard (unit of writing/resuming) "
+        f"(default {_default(ExtractTeacherConfig, 'shard_samples')})."))] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help=(
+        f"Teacher batch size (divides --shard-samples) (default {_default(ExtractTeacherConfig, 'batch_size')})."))
+    ] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help=f"DataLoader processes (default {_default(ExtractTeacherConfig, 'workers')}).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help=f"'auto', 'cpu' or 'cuda[:N]' (default {_default(ExtractTeacherConfig, 'device')}).")] = None,
+    keypoint_grid: Annotated[int | None, typer.Option(min=2, help=(
+        f"Keypoints per box side (default {_default(ExtractTeacherConfig, 'keypoint_grid')}; the demo uses 12)."))
+    ] = None,
+    keypoint_enlarge_m: Annotated[float | None, typer.Option(help=(
+        "Metres each box grows by on every side before its keypoints are laid "
+        f"(default {_default(ExtractTeacherConfig, 'keypoint_enlarge_m')})."))] = None,
     shard: Annotated[str, typer.Option(help="This process's part I/N of the work (torchrun sets it itself).")]
     = "0/1",
 ) -> None:
     """Run the frozen teacher once over a split and write (or resume) the cache."""
-    from tigbev.config import ExtractTeacherConfig
     from tigbev.stages import extract_teacher as stage
 
     index, _, count = shard.partition("/")
     if not (index.isdigit() and count.isdigit()):
         raise _fail(ValueError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}"))
     cfg = ExtractTeacherConfig(
-        teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out=out, features=features,
-        feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size, workers=workers,
-        device=device, shard_index=int(index), num_parts=int(count),
+        teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out=out,
+        shard_index=int(index), num_parts=int(count),
+        **_given(features=features, feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size,
+                 workers=workers, device=device, keypoint_grid=keypoint_grid, keypoint_enlarge_m=keypoint_enlarge_m),
     )
     result = stage.run(cfg)
     state = "complete" if result.complete else "partial (other parts still running or to run)"

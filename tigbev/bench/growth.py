@@ -13,7 +13,7 @@ from tigbev.bench.loader import loader_rate
 __all__ = ["camera_loader_rate", "train_epoch"]
 
 
-def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], cache: str, *, keypoint_grid: int,
+def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], cache: str, *,
                 device: str, seed: int, workers: int = 1) -> dict[str, float]:
     """One epoch of cache-mode training (batch 1, a DataLoader with ``workers``): seconds, and the time spent
     waiting for batches (first batch excluded: it pays for the worker's start)."""
@@ -58,7 +58,7 @@ def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], 
             break
         t1 = time.perf_counter()
         times = training_step(model, opt, scaler, batch, online=None, teacher_hw=grid.shape_hw, device=dev,
-                              use_amp=dev.type == "cuda", grad_clip=5.0, keypoint_grid=keypoint_grid).times
+                              use_amp=dev.type == "cuda", grad_clip=5.0).times
         wait.append(t1 - t0)
         compute.append(times.total_s)
     seconds = time.perf_counter() - start

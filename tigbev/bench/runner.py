@@ -104,7 +104,7 @@ def run(cfg: BenchConfig) -> BenchResult:
         url = work / f"growth-{f}x"
         r = extract(ckpt, dataroot, split, toks, url, keypoint_grid=grid, device=cfg.device)
         bar.update(1)
-        t = train_epoch(cfg.preset, dataroot, split, toks, str(url), keypoint_grid=grid, device=cfg.device,
+        t = train_epoch(cfg.preset, dataroot, split, toks, str(url), device=cfg.device,
                         seed=cfg.seed)
         bar.update(1)
         growth["samples"].append(len(toks))

@@ -72,7 +72,7 @@ class _ModeState:
         from tigbev.data.image_aug import ImageAugPolicy
         from tigbev.data.nuscenes_reader import NuScenesReader
         from tigbev.engine.online_teacher import OnlineTeacher
-        from tigbev.geometry import BevGrid
+        from tigbev.geometry import KEYPOINT_ENLARGE_M, BevGrid
         from tigbev.models.student.student import FEATURE_STRIDE, student_preset
         from tigbev.stages.train_student import DistillationModel
         from tigbev.utils.device import pick_device
@@ -99,7 +99,8 @@ class _ModeState:
             reader, spec.tokens, cache=cache, split=spec.split, input_hw=scfg.input_hw,
             feature_stride=FEATURE_STRIDE, image_policy=ImageAugPolicy(input_hw=scfg.input_hw),
             bda_policy=BevAugmentPolicy(), seed=spec.seed, train=True, point_range_m=POINT_RANGE,
-            lidar_reader=self.online.reader if self.online is not None else None)
+            lidar_reader=self.online.reader if self.online is not None else None,
+            online_keypoints=(spec.keypoint_grid, KEYPOINT_ENLARGE_M) if self.online is not None else None)
         self.model = DistillationModel(scfg, tcfg, grid, channels).to(self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
@@ -126,7 +127,7 @@ class _ModeState:
         batch = self.batches[i % len(self.batches)]  # training_step leaves the batch as it is
         times = training_step(self.model, self.optimizer, self.scaler, batch, online=self.online,
                               teacher_hw=self.teacher_hw, device=self.device, use_amp=self.use_amp,
-                              grad_clip=5.0, keypoint_grid=self.spec.keypoint_grid).times
+                              grad_clip=5.0).times
         return {"total_s": times.total_s, "targets_s": times.targets_s}
 
 

@@ -16,6 +16,7 @@ A cache is a zarr v3 group (a local path or an fsspec URL)::
     CACHE/index/<k:06d>.parquet           one row per sample of shard k (INDEX_COLUMNS)
     CACHE/index.parquet                   all rows, written when the cache is complete
     CACHE/writers/<writer id>.json        the lease of each running extraction (pid, host, shards, heartbeat)
+    CACHE/configs/part-<i>-of-<n>.json    the resolved configuration of each extraction part (CONFIG_DIR)
 
 (The Parquet files sit outside the zarr hierarchy; readers open zarr members by name and never list them.)
 
@@ -51,6 +52,7 @@ __all__ = [
     "CacheFormatError",
     "DatasetFingerprint",
     "FeatureStorage",
+    "CONFIG_DIR",
     "LEASE_DIR",
     "Manifest",
     "TeacherFingerprint",
@@ -85,6 +87,9 @@ INDEX_COLUMNS: Final[dict[str, str]] = {
 }
 RAGGED_ARRAYS: Final[tuple[str, ...]] = ("boxes", "keypoints", "depth", "fg_cells", "fg_features", "fg_scale")
 LEASE_DIR: Final[str] = "writers"
+CONFIG_DIR: Final[str] = "configs"
+"""``CACHE/configs/part-<i>-of-<n>.json``: the resolved configuration of each extraction part (its command's options
+with every default filled in, and the teacher's architecture), written when the part starts; never read back."""
 
 FeatureMode = Literal["dense", "foreground"]
 FeatureDtype = Literal["float16", "int8"]

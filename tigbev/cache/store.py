@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -130,6 +131,18 @@ def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(tmp, "wb") as f:
             f.write(buf.getvalue())
+        fs.mv(tmp, path)
+
+
+def write_json_file(url: str, relpath: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON at ``url/relpath``, atomically (temporary name, then move)."""
+    with remote_errors(url):
+        fs, root = fs_and_path(url)
+        path = f"{root.rstrip('/')}/{relpath}"
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(json.dumps(payload, indent=2).encode())
         fs.mv(tmp, path)
 
 

@@ -17,7 +17,7 @@ import torch
 __all__ = ["CameraBatch", "TeacherTargets"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherTargets:
     """Distillation targets of a batch (from the cache, or from the online teacher)."""
 
@@ -25,7 +25,9 @@ class TeacherTargets:
     kp_student_xy: torch.Tensor  # (B, M, K, 2) float32 metric, augmented BEV frame (aug_from_lidar applied)
     box_mask: torch.Tensor  # (B, M) bool, False for padding
     map_cells: torch.Tensor | None  # (B, F) int64 flat cell index iy * W + ix, -1 for padding; None: dense map
-    map_features: torch.Tensor  # (B, F, C) float16/float32 sparse cells, or (B, C, H, W) dense teacher map
+    map_features: torch.Tensor | None
+    """(B, F, C) float16/float32 sparse cells, or (B, C, H, W) dense teacher map; None: keypoints for the online
+    teacher, which computes the map (:meth:`OnlineTeacher.targets <tigbev.engine.online_teacher.OnlineTeacher>`)."""
 
     def to(self, device: torch.device) -> TeacherTargets:
         return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
@@ -33,6 +35,8 @@ class TeacherTargets:
 
     def dense_map(self, height: int, width: int) -> torch.Tensor:
         """(B, C, H, W) float32 teacher map, zeros where no cell is stored."""
+        if self.map_features is None:
+            raise ValueError("these teacher targets hold keypoints only: the online teacher computes the map")
         if self.map_cells is None:
             return self.map_features.float()
         b, _, c = self.map_features.shape
@@ -44,6 +48,8 @@ class TeacherTargets:
 
     def stored_mask(self, height: int, width: int) -> torch.Tensor:
         """(B, 1, H, W) float32: 1 where the teacher map holds a stored value (everywhere for a dense map)."""
+        if self.map_features is None:
+            raise ValueError("these teacher targets hold keypoints only: the online teacher computes the map")
         b = self.map_features.shape[0]
         if self.map_cells is None:
             return self.map_features.new_ones((b, 1, height, width), dtype=torch.float32)
@@ -54,7 +60,7 @@ class TeacherTargets:
         return out.reshape(b, 1, height, width)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CameraBatch:
     tokens: list[str]
     images: torch.Tensor  # (B, N, 3, H, W) float32, normalised (ImageNet mean/std)

@@ -28,7 +28,7 @@ from tigbev.data.camera_batch import CameraBatch, TeacherTargets
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL, NuScenesReader
 from tigbev.data.targets import depth_points, nearest_depth_map, training_boxes
-from tigbev.geometry import BevGrid
+from tigbev.geometry import BevGrid, box_keypoints_xy
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CameraDetectionDataset", "CameraSample", "collate_camera",
            "pad_box_keypoints"]
@@ -67,6 +67,9 @@ class CameraDetectionDataset(Dataset):
         cache: the teacher cache; GT boxes, depth points and teacher targets come from it. ``None``: GT boxes from
             ``training_boxes(frame, point_range_m)`` and depth from the key sweep; no teacher targets.
         split: the split name; the cache must have been extracted from it (checked once, here).
+        online_keypoints: ``(grid_size, enlarge_m)``: without a cache, each box's keypoints for the online teacher,
+            laid here on the un-augmented boxes and carried into the augmented frame like the cached ones (the
+            teacher map is left to :class:`~tigbev.engine.online_teacher.OnlineTeacher`).
         cache_grid: the student's BEV grid; a cache whose teacher map spans another range is refused (its cell size
             may differ: keypoint features are sampled at metric positions).
         input_hw: network input (H, W) in pixels; must equal ``image_policy.input_hw``.
@@ -87,8 +90,12 @@ class CameraDetectionDataset(Dataset):
                  input_hw: tuple[int, int], feature_stride: int, image_policy: ImageAugPolicy,
                  bda_policy: BevAugmentPolicy | None, seed: int = 0, train: bool = True, split: str | None = None,
                  cache_grid: BevGrid | None = None, point_range_m: Sequence[float] | None = None,
-                 min_depth_m: float = 0.5, lidar_reader: NuScenesReader | None = None):
+                 min_depth_m: float = 0.5, lidar_reader: NuScenesReader | None = None,
+                 online_keypoints: tuple[int, float] | None = None):
         self.reader = reader
+        if online_keypoints is not None and cache is not None:
+            raise ValueError("online_keypoints is for training without a cache (the cache holds its keypoints)")
+        self.online_keypoints = online_keypoints
         self.lidar_reader = lidar_reader
         self.tokens = list(tokens)
         self.cache = cache
@@ -192,13 +199,19 @@ class CameraDetectionDataset(Dataset):
             depth_box=torch.stack(box_maps),
             lidar_points=lidar_points,
         )
+        kp = None  # (M, K, 2) keypoints in the un-augmented frame: the cache's, or laid here for the online teacher
         if cached is not None:
-            kp = cached.keypoints  # (M, K, 2), un-augmented frame
-            sample.kp_teacher_xy = torch.from_numpy(np.ascontiguousarray(kp, np.float32))
-            sample.kp_student_xy = torch.from_numpy(aug_from_lidar.apply_xy(kp).astype(np.float32))
+            kp = cached.keypoints
             sample.map_cells = None if cached.map_cells is None else torch.from_numpy(cached.map_cells)
             # fp16 as stored (exact for fp16 caches; int8 caches dequantise well within fp16's precision).
             sample.map_features = torch.from_numpy(cached.map_features.astype(np.float16))
+        elif self.online_keypoints is not None:
+            grid_size, enlarge_m = self.online_keypoints
+            kp = box_keypoints_xy(np.asarray(boxes, np.float64).reshape(-1, 9), enlarge_m=enlarge_m,
+                                  grid_size=grid_size)
+        if kp is not None:
+            sample.kp_teacher_xy = torch.from_numpy(np.ascontiguousarray(kp, np.float32))
+            sample.kp_student_xy = torch.from_numpy(aug_from_lidar.apply_xy(kp).astype(np.float32))
         return sample
 
 
@@ -258,10 +271,15 @@ def pad_box_keypoints(kp_teacher: Sequence[torch.Tensor], kp_student: Sequence[t
 def _collate_teacher(items: Sequence[CameraSample]) -> TeacherTargets:
     b = len(items)
     kp_t, kp_s, box_mask = pad_box_keypoints([s.kp_teacher_xy for s in items], [s.kp_student_xy for s in items])
+    without_map = [s.map_features is None for s in items]
+    if any(without_map) != all(without_map):
+        raise ValueError("a batch mixes samples with and without a teacher map")
     dense = [s.map_cells is None for s in items]
     if any(dense) != all(dense):
         raise ValueError("a batch mixes dense and foreground teacher maps")
-    if all(dense):
+    if all(without_map):  # keypoints for the online teacher, which computes the map
+        cells, feats = None, None
+    elif all(dense):
         cells, feats = None, torch.stack([s.map_features for s in items])  # (B, C, H, W)
     else:
         f_max = max(len(s.map_cells) for s in items)

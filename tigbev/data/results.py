@@ -142,10 +142,10 @@ def _render_curves(cfg, metrics, metric_data, plot_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import warnings
+
     import matplotlib.pyplot as plt
     from nuscenes.eval.detection.render import class_pr_curve, summary_plot
-
-    import warnings
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

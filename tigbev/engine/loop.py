@@ -23,8 +23,8 @@ from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 
-__all__ = ["RunStart", "StepPlan", "adamw_one_cycle", "backward_step", "begin_run", "plan_steps", "restore", "save_training_state",
-           "start_run_dir"]
+__all__ = ["RunStart", "StepPlan", "adamw_one_cycle", "backward_step", "begin_run", "plan_steps", "restore",
+           "save_training_state", "start_run_dir"]
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,14 @@ and spconv are imported only when an :class:`OnlineTeacher` is built, so cache-m
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tigbev.data.augment import similarity_apply_boxes, similarity_apply_xy
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
-from tigbev.data.camera_dataset import pad_box_keypoints
 from tigbev.data.nuscenes_reader import NuScenesReader
-from tigbev.geometry import KEYPOINT_ENLARGE_M, KEYPOINT_GRID, box_keypoints_xy
+from tigbev.errors import TigbevError
 
 __all__ = ["OnlineTeacher"]
 
@@ -38,21 +36,19 @@ class OnlineTeacher:
         self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.cfg.num_sweeps)
         self.device = device
 
-    def targets(self, batch: CameraBatch, grid_size: int = KEYPOINT_GRID, enlarge_m: float = KEYPOINT_ENLARGE_M
-                ) -> tuple[TeacherTargets, torch.Tensor]:
-        points, kp_t, kp_s = [], [], []
-        for i, (token, boxes, aug_from_lidar) in enumerate(zip(batch.tokens, batch.gt_boxes, batch.aug_from_lidar)):
+    def targets(self, batch: CameraBatch) -> tuple[TeacherTargets, torch.Tensor]:
+        """The teacher map of each sample, from its un-augmented LiDAR, with the batch's own keypoints (laid by the
+        loader on the un-augmented boxes: ``CameraDetectionDataset(online_keypoints=...)``, or a cache's). Returns
+        the targets (the batch's keypoints with this map, dense) and the map (B, C, H, W)."""
+        if batch.teacher is None:
+            raise TigbevError(f"samples {batch.tokens} have no keypoints: the online teacher needs the loader's "
+                              "(CameraDetectionDataset(online_keypoints=(grid_size, enlarge_m)))")
+        points = []
+        for i, token in enumerate(batch.tokens):
             if batch.lidar_points is not None:
                 points.append(batch.lidar_points[i].to(self.device))
             else:
                 points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
-            aug_from_lidar = aug_from_lidar.cpu().double().numpy()
-            raw = similarity_apply_boxes(np.linalg.inv(aug_from_lidar), boxes.cpu().double().numpy())  # un-augmented
-            kp = box_keypoints_xy(raw, enlarge_m=enlarge_m, grid_size=grid_size)
-            kp_t.append(torch.from_numpy(kp).float())
-            kp_s.append(torch.from_numpy(similarity_apply_xy(aug_from_lidar, kp)).float())
-        kt, ks, mask = pad_box_keypoints(kp_t, kp_s)
         fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), the map only, an ordinary tensor
-        targets = TeacherTargets(kp_teacher_xy=kt, kp_student_xy=ks, box_mask=mask, map_cells=None,
-                                 map_features=fmap).to(self.device)
+        targets = dataclasses.replace(batch.teacher.to(self.device), map_cells=None, map_features=fmap)
         return targets, fmap

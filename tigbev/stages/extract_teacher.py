@@ -22,13 +22,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tigbev.cache.schema import (
+    CONFIG_DIR,
     FORMAT_VERSION,
     DatasetFingerprint,
     FeatureStorage,
     Manifest,
     TeacherFingerprint,
 )
-from tigbev.cache.store import CODECS_DESCRIPTION, CacheError, CacheWriter, SampleRecord
+from tigbev.cache.store import (
+    CODECS_DESCRIPTION,
+    CacheError,
+    CacheWriter,
+    SampleRecord,
+    write_json_file,
+)
 from tigbev.config import ExtractTeacherConfig
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.targets import depth_points, training_boxes
@@ -197,6 +204,8 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
     # One writer per shard: a lease on the shards still to do (refused while another live writer holds any of
     # them), then the to-do list again, since a writer that finished meanwhile may have done some.
     with writer.lease(not_done()):
+        write_json_file(cfg.out, f"{CONFIG_DIR}/part-{part}-of-{parts}.json",
+                        {"extract": cfg.to_dict(), "teacher": tcfg.to_dict()})
         todo = not_done()
         ranges = [manifest.shard_range(k) for k in todo]
         n_todo = sum(len(r) for r in ranges)

@@ -43,7 +43,6 @@ from tigbev.engine.online_teacher import OnlineTeacher
 from tigbev.errors import TigbevError
 from tigbev.geometry import (
     KEYPOINT_ENLARGE_M,
-    KEYPOINT_GRID,
     NUSCENES_POINT_RANGE_M,
     BevGrid,
 )
@@ -199,8 +198,7 @@ def _sync(device: torch.device) -> None:
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   batch: CameraBatch, *, online: OnlineTeacher | None, teacher_hw: tuple[int, int],
-                  device: torch.device, use_amp: bool, grad_clip: float, keypoint_grid: int = KEYPOINT_GRID,
-                  keypoint_enlarge_m: float = KEYPOINT_ENLARGE_M) -> StepResult:
+                  device: torch.device, use_amp: bool, grad_clip: float) -> StepResult:
     """One optimisation step on a batch already on ``device``: teacher targets (online teacher or the cached
     cells), forward, named losses, finite check, backward, gradient clipping, optimiser and scaler update.
 
@@ -211,7 +209,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     t0 = time.perf_counter()
     teacher_map = None
     if online is not None:
-        targets, teacher_map = online.targets(batch, grid_size=keypoint_grid, enlarge_m=keypoint_enlarge_m)
+        targets, teacher_map = online.targets(batch)
         batch = dataclasses.replace(batch, teacher=targets)
     elif batch.teacher is not None:
         teacher_map = batch.teacher.dense_map(*teacher_hw)
@@ -281,6 +279,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
         min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
         lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
+        online_keypoints=(cfg.keypoint_grid, KEYPOINT_ENLARGE_M) if online is not None else None,
     )
     model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
     if cfg.backbone_weights is not None and not resuming:
@@ -343,7 +342,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
                 try:
                     result = training_step(train_model, optimizer, scaler, batch, online=online,
                                            teacher_hw=(th, tw), device=device, use_amp=use_amp,
-                                           grad_clip=cfg.grad_clip, keypoint_grid=cfg.keypoint_grid)
+                                           grad_clip=cfg.grad_clip)
                 except TigbevError as exc:
                     raise TigbevError(f"at step {step}: {exc}") from None
                 scheduler.step()

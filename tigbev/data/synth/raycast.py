@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from tigbev.geometry import box_corners, invert_pose, transform_points
 from tigbev.data.synth.world import ROAD_EDGES, SIDEWALK_FROM, Scene
+from tigbev.geometry import box_corners, invert_pose, transform_points
 
 __all__ = ["LABEL_GROUND", "LABEL_OBJECT0", "LABEL_SKY", "CameraModel", "CameraRender", "Hits", "LidarModel",
            "cast_lidar", "render_camera"]

@@ -29,7 +29,13 @@ from numpy.typing import NDArray
 from tigbev.config import SynthConfig
 from tigbev.data.classes import ATTRIBUTES
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL
-from tigbev.data.synth.raycast import CameraModel, CameraRender, LidarModel, cast_lidar, render_camera
+from tigbev.data.synth.raycast import (
+    CameraModel,
+    CameraRender,
+    LidarModel,
+    cast_lidar,
+    render_camera,
+)
 from tigbev.data.synth.world import Scene, make_scene
 from tigbev.errors import DatasetError
 from tigbev.geometry import (
