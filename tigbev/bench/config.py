@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tigbev.errors import TigbevError
-from tigbev.geometry import NUSCENES_POINT_RANGE_M
 
-__all__ = ["GOALS", "MODES", "POINT_RANGE", "STORAGE_OPTIONS", "BenchConfig", "BenchResult", "Preset", "cycle",
+__all__ = ["GOALS", "MODES", "STORAGE_OPTIONS", "BenchConfig", "BenchResult", "Preset", "cycle",
            "median", "preset_keypoint_grid"]
 
 
@@ -30,7 +29,6 @@ GOALS: dict[str, tuple[str, float, str]] = {
                              "max"),
     "fidelity_rel_error": ("max relative error of the TiG losses from that cache vs the online teacher", 0.01, "max"),
 }
-POINT_RANGE = NUSCENES_POINT_RANGE_M
 
 
 @dataclass(frozen=True, kw_only=True)

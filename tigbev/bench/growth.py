@@ -20,29 +20,18 @@ def train_epoch(preset: str, dataroot: Path, split: str, tokens: Sequence[str], 
     import torch
     from torch.utils.data import DataLoader
 
-    from tigbev.cache.store import CacheReader
     from tigbev.config import TrainStudentConfig
-    from tigbev.data.augment import BevAugmentPolicy
-    from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
-    from tigbev.data.image_aug import ImageAugPolicy
-    from tigbev.data.nuscenes_reader import NuScenesReader
-    from tigbev.geometry import BevGrid
-    from tigbev.models.student.student import FEATURE_STRIDE, student_preset
-    from tigbev.stages.train_student import DistillationModel, training_step
+    from tigbev.data.camera_dataset import collate_camera
+    from tigbev.stages.train_student import build_distillation, training_step
     from tigbev.utils.device import pick_device
 
     dev = pick_device(device)
     torch.manual_seed(seed)
-    scfg = student_preset(preset)  # type: ignore[arg-type]
-    reader = NuScenesReader(dataroot)
-    cr = CacheReader(cache)
-    grid = BevGrid(**cr.manifest.grid)
     tcfg = TrainStudentConfig(preset=preset, dataroot=dataroot, split=split, out_dir=Path("unused"),  # type: ignore
-                              cache=cache)
-    dataset = CameraDetectionDataset(reader, tokens, cache=cr, split=split, input_hw=scfg.input_hw,
-                                     feature_stride=FEATURE_STRIDE, image_policy=ImageAugPolicy(input_hw=scfg.input_hw),
-                                     bda_policy=BevAugmentPolicy(), seed=seed, train=True)
-    model = DistillationModel(scfg, tcfg, grid, cr.manifest.features.channels).to(dev).train()
+                              cache=cache, seed=seed, augment=True)
+    built = build_distillation(tcfg, dev, tokens=tokens)
+    dataset, grid = built.dataset, built.teacher_grid
+    model = built.model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
     loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_camera, num_workers=workers,

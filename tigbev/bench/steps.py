@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tigbev.bench.config import POINT_RANGE, median
+from tigbev.bench.config import median
 from tigbev.errors import TigbevError
 
 __all__ = ["ModeSpec", "bench_steps"]
@@ -65,43 +65,23 @@ class _ModeState:
         import torch
         from torch.utils.data import DataLoader
 
-        from tigbev.cache.store import CacheReader
         from tigbev.config import LossWeights, TrainStudentConfig
-        from tigbev.data.augment import BevAugmentPolicy
-        from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
-        from tigbev.data.image_aug import ImageAugPolicy
-        from tigbev.data.nuscenes_reader import NuScenesReader
-        from tigbev.engine.online_teacher import OnlineTeacher
-        from tigbev.geometry import KEYPOINT_ENLARGE_M, BevGrid
-        from tigbev.models.student.student import FEATURE_STRIDE, student_preset
-        from tigbev.stages.train_student import DistillationModel
+        from tigbev.data.camera_dataset import collate_camera
+        from tigbev.stages.train_student import build_distillation
         from tigbev.utils.device import pick_device
 
         self.spec = spec
         self.device = pick_device(spec.device)
         torch.manual_seed(spec.seed)
-        scfg = student_preset(spec.preset)  # type: ignore[arg-type]
-        reader = NuScenesReader(spec.dataroot)
         weights = LossWeights.baseline() if spec.mode == "none" else LossWeights()
         tcfg = TrainStudentConfig(preset=spec.preset, dataroot=Path(spec.dataroot), split=spec.split,  # type: ignore
                                   out_dir=Path("unused"), cache=spec.cache, teacher=spec.mode,  # type: ignore
-                                  teacher_checkpoint=spec.teacher_checkpoint, weights=weights)
-        cache = CacheReader(spec.cache) if spec.mode == "cache" else None
-        self.online = OnlineTeacher(Path(spec.teacher_checkpoint), reader, self.device) \
-            if spec.mode == "online" else None
-        grid, channels = None, None
-        if cache is not None:
-            grid, channels = BevGrid(**cache.manifest.grid), cache.manifest.features.channels
-        elif self.online is not None:
-            grid, channels = self.online.cfg.bev_grid, self.online.cfg.bev_channels
-        self.teacher_hw = grid.shape_hw if grid is not None else (0, 0)
-        dataset = CameraDetectionDataset(
-            reader, spec.tokens, cache=cache, split=spec.split, input_hw=scfg.input_hw,
-            feature_stride=FEATURE_STRIDE, image_policy=ImageAugPolicy(input_hw=scfg.input_hw),
-            bda_policy=BevAugmentPolicy(), seed=spec.seed, train=True, point_range_m=POINT_RANGE,
-            lidar_reader=self.online.reader if self.online is not None else None,
-            online_keypoints=(spec.keypoint_grid, KEYPOINT_ENLARGE_M) if self.online is not None else None)
-        self.model = DistillationModel(scfg, tcfg, grid, channels).to(self.device)
+                                  teacher_checkpoint=spec.teacher_checkpoint, weights=weights, seed=spec.seed,
+                                  augment=True, keypoint_grid=spec.keypoint_grid)
+        built = build_distillation(tcfg, self.device, tokens=spec.tokens)
+        self.online, dataset = built.online, built.dataset
+        self.teacher_hw = built.teacher_grid.shape_hw if built.teacher_grid is not None else (0, 0)
+        self.model = built.model.to(self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.use_amp = self.device.type == "cuda"

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,8 @@ from tigbev.utils.provenance import provenance
 from tigbev.utils.run_dir import check_run_dir
 from tigbev.utils.training_log import TrainingLog
 
-__all__ = ["DistillationModel", "StepResult", "StepTimes", "TrainStudentResult", "run", "training_step",
-           "weighted_losses"]
+__all__ = ["Distillation", "DistillationModel", "StepResult", "StepTimes", "TrainStudentResult", "run", "training_step",
+           "build_distillation", "weighted_losses"]
 
 _LOG_EVERY = 5
 # The teacher's box filter when there is no cache (teacher point range); the nuScenes range of both presets.
@@ -226,6 +227,63 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
                       times=StepTimes(targets_s=t1 - t0, total_s=time.perf_counter() - t0))
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """What :func:`build_distillation` wires together for one training configuration."""
+
+    student_config: StudentConfig
+    reader: NuScenesReader
+    dataset: CameraDetectionDataset
+    model: DistillationModel
+    """The student plus the trainable parts of its criterion; ``model.weight_dict`` weighs its named losses."""
+    cache: CacheReader | None
+    online: OnlineTeacher | None
+    teacher_grid: BevGrid | None
+    cache_fingerprint: dict[str, Any] | None
+    """What ``last.pt`` records of the cache (teacher sha, dataset fingerprint, URL); a resume must match it."""
+
+
+def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens: Sequence[str] | None = None,
+                       load_backbone: bool = True) -> Distillation:
+    """The DETR-style ``build``: from a configuration, the student's dataset (images plus the teacher targets of the
+    cache, or the keypoints and LiDAR for the online teacher), the teacher source, and the model with its criterion
+    (on CPU; the caller moves it). ``tokens``: a subset of the split (default: all of it; with a cache, exactly the
+    tokens it was extracted from). Every input is checked here, before anything is written."""
+    scfg = student_preset(cfg.preset, variant=cfg.variant)
+    reader = NuScenesReader(cfg.dataroot)
+    tokens = reader.sample_tokens(cfg.split) if tokens is None else list(tokens)
+    cache = None
+    teacher_grid: BevGrid | None = None
+    teacher_channels: int | None = None
+    online: OnlineTeacher | None = None
+    cache_fingerprint: dict[str, Any] | None = None
+    if cfg.teacher == "cache" and cfg.cache is not None:
+        cache = CacheReader(cfg.cache)
+        teacher_grid = BevGrid(**cache.manifest.grid)
+        teacher_channels = cache.manifest.features.channels
+        cache_fingerprint = {"teacher": cache.manifest.teacher.checkpoint_sha256,
+                             "dataset": cache.manifest.to_dict()["dataset"], "url": cache.url}
+    elif cfg.teacher == "online":
+        online = OnlineTeacher(cfg.teacher_checkpoint, reader, device)
+        teacher_grid, teacher_channels = online.cfg.bev_grid, online.cfg.bev_channels
+
+    dataset = CameraDetectionDataset(
+        reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
+        image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=BevAugmentPolicy() if cfg.augment else None,
+        cache_grid=scfg.bev_grid, seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
+        min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
+        lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
+        online_keypoints=(cfg.keypoint_grid, KEYPOINT_ENLARGE_M) if online is not None else None,
+    )
+    model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
+    if cfg.backbone_weights is not None and load_backbone:
+        from tigbev.models.student.resnet import load_torchvision_weights
+
+        load_torchvision_weights(model.student.backbone, cfg.backbone_weights)
+    return Distillation(student_config=scfg, reader=reader, dataset=dataset, model=model, cache=cache,
+                        online=online, teacher_grid=teacher_grid, cache_fingerprint=cache_fingerprint)
+
+
 def _distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -253,39 +311,9 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     # Nothing is written before every input is checked: the run directory, dataset, cache, teacher, checkpoint.
     resuming = check_run_dir(out, resume=cfg.resume)
     torch.manual_seed(cfg.seed)
-    scfg = student_preset(cfg.preset, variant=cfg.variant)
-
-    reader = NuScenesReader(cfg.dataroot)
-    tokens = reader.sample_tokens(cfg.split)
-    cache = None
-    teacher_grid: BevGrid | None = None
-    teacher_channels: int | None = None
-    online: OnlineTeacher | None = None
-    cache_fingerprint: dict[str, Any] | None = None
-    if cfg.teacher == "cache" and cfg.cache is not None:
-        cache = CacheReader(cfg.cache)
-        teacher_grid = BevGrid(**cache.manifest.grid)
-        teacher_channels = cache.manifest.features.channels
-        cache_fingerprint = {"teacher": cache.manifest.teacher.checkpoint_sha256,
-                             "dataset": cache.manifest.to_dict()["dataset"], "url": cache.url}
-    elif cfg.teacher == "online":
-        online = OnlineTeacher(cfg.teacher_checkpoint, reader, device)
-        teacher_grid, teacher_channels = online.cfg.bev_grid, online.cfg.bev_channels
-
-    dataset = CameraDetectionDataset(
-        reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
-        image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=BevAugmentPolicy() if cfg.augment else None,
-        cache_grid=scfg.bev_grid,
-        seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
-        min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
-        lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
-        online_keypoints=(cfg.keypoint_grid, KEYPOINT_ENLARGE_M) if online is not None else None,
-    )
-    model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
-    if cfg.backbone_weights is not None and not resuming:
-        from tigbev.models.student.resnet import load_torchvision_weights
-
-        load_torchvision_weights(model.student.backbone, cfg.backbone_weights)
+    built = build_distillation(cfg, device, load_backbone=not resuming)
+    scfg, reader, dataset, model, online = built.student_config, built.reader, built.dataset, built.model, built.online
+    teacher_grid, cache_fingerprint = built.teacher_grid, built.cache_fingerprint
     model = model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
