@@ -31,8 +31,14 @@ from tigbev.models.teacher.mmdet3d_weights import (
     mmdet3d_key_to_ours,
     read_mmdet3d_checkpoint,
     sparse_weight_from_mmcv,
-    sparse_weight_to_mmcv,
 )
+
+
+def sparse_weight_to_mmcv(weight: torch.Tensor) -> torch.Tensor:
+    """spconv 2.x ``[out, *kernel, in]`` -> mmcv ``[*kernel, in, out]``: the inverse of ``sparse_weight_from_mmcv``,
+    to write checkpoints in mmcv's layout."""
+    n = weight.dim()
+    return weight.permute(*range(1, n), 0).contiguous()
 
 
 def _fake_tensor(spec: KeySpec, gen: torch.Generator) -> torch.Tensor:

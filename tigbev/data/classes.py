@@ -10,7 +10,6 @@ __all__ = [
     "DEFAULT_ATTRIBUTE",
     "DETECTION_CLASSES",
     "attribute_from_velocity",
-    "class_index",
     "detection_name_of_category",
 ]
 
@@ -63,14 +62,6 @@ DEFAULT_ATTRIBUTE: Final[dict[str, str]] = {
     "barrier": "",
     "traffic_cone": "",
 }
-
-
-def class_index(name: str) -> int:
-    """Index of a detection class name in DETECTION_CLASSES."""
-    try:
-        return DETECTION_CLASSES.index(name)
-    except ValueError:
-        raise ValueError(f"unknown detection class {name!r}; known: {', '.join(DETECTION_CLASSES)}") from None
 
 
 def detection_name_of_category(category_name: str) -> str | None:

@@ -135,7 +135,6 @@ __all__ = [
     "mmdet3d_key_to_ours",
     "read_mmdet3d_checkpoint",
     "sparse_weight_from_mmcv",
-    "sparse_weight_to_mmcv",
 ]
 
 BoxConvention = Literal["mmdet3d-v1", "mmdet3d-v0"]
@@ -285,14 +284,6 @@ def sparse_weight_from_mmcv(weight: torch.Tensor) -> torch.Tensor:
     if n < 3:
         raise ValueError(f"a sparse convolution weight has >= 3 dims, got shape {tuple(weight.shape)}")
     return weight.permute(n - 1, *range(n - 1)).contiguous()
-
-
-def sparse_weight_to_mmcv(weight: torch.Tensor) -> torch.Tensor:
-    """spconv 2.x ``[out, *kernel, in]`` -> mmcv ``[*kernel, in, out]`` (the inverse of ``sparse_weight_from_mmcv``)."""
-    n = weight.dim()
-    if n < 3:
-        raise ValueError(f"a sparse convolution weight has >= 3 dims, got shape {tuple(weight.shape)}")
-    return weight.permute(*range(1, n), 0).contiguous()
 
 
 def _sparse_layout_of(state: Mapping[str, torch.Tensor], specs: Sequence[KeySpec], requested: SparseLayout
