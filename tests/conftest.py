@@ -88,6 +88,6 @@ def synth_cache(synth_root: Path, demo_teacher_ckpt: Path, tmp_path_factory: pyt
 
     out = tmp_path_factory.mktemp("synth-cache") / "cache"
     extract_teacher.run(ExtractTeacherConfig(teacher_checkpoint=demo_teacher_ckpt, dataroot=synth_root,
-                                             split="synth_train", out=str(out), workers=0, device="cpu",
+                                             split="synth_train", out_dir=str(out), workers=0, device="cpu",
                                              shard_samples=2, batch_size=1), progress=False)
     return str(out)

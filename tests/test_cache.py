@@ -54,7 +54,7 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(ckpt: Path, root: Path, out: Path | str, **kw) -> ExtractTeacherConfig:
-    base = {"teacher_checkpoint": ckpt, "dataroot": root, "split": SPLIT, "out": str(out), "shard_samples": 2,
+    base = {"teacher_checkpoint": ckpt, "dataroot": root, "split": SPLIT, "out_dir": str(out), "shard_samples": 2,
             "batch_size": 1, "workers": 0, "device": "cpu"}
     return ExtractTeacherConfig(**{**base, **kw})
 
@@ -298,7 +298,7 @@ def test_real_slice_with_the_nuscenes_preset(real_slice_root: Path, tmp_path: Pa
     save_checkpoint(ckpt, {"model": CenterPoint(cfg).state_dict(), "teacher_config": cfg.to_dict()})
     out = tmp_path / "real"
     result = extract_teacher.run(ExtractTeacherConfig(teacher_checkpoint=ckpt, dataroot=real_slice_root,
-                                                      split="real_slice", out=str(out), workers=0, device="cpu",
+                                                      split="real_slice", out_dir=str(out), workers=0, device="cpu",
                                                       shard_samples=1, batch_size=1), progress=False)
     assert result.complete
     reader = CacheReader(str(out))

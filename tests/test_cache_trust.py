@@ -40,7 +40,7 @@ SPLIT = "synth_train"
 
 
 def _cfg(ckpt: Path, root: Path, out: Path | str, **kw) -> ExtractTeacherConfig:
-    base = {"teacher_checkpoint": ckpt, "dataroot": root, "split": SPLIT, "out": str(out), "shard_samples": 2,
+    base = {"teacher_checkpoint": ckpt, "dataroot": root, "split": SPLIT, "out_dir": str(out), "shard_samples": 2,
             "batch_size": 1, "workers": 0, "device": "cpu"}
     return ExtractTeacherConfig(**{**base, **kw})
 

@@ -146,7 +146,7 @@ def cache(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> CacheRe
     ckpt = tmp_path_factory.mktemp("camteacher") / "last.pt"
     save_checkpoint(ckpt, {"model": CenterPoint(TEACHER).state_dict(), "teacher_config": TEACHER.to_dict()})
     out = tmp_path_factory.mktemp("camcache") / "cache"
-    cfg = ExtractTeacherConfig(teacher_checkpoint=ckpt, dataroot=synth_root, split=SPLIT, out=str(out),
+    cfg = ExtractTeacherConfig(teacher_checkpoint=ckpt, dataroot=synth_root, split=SPLIT, out_dir=str(out),
                                shard_samples=2, batch_size=1, workers=0, device="cpu", min_depth_m=MIN_DEPTH_M)
     assert extract_teacher.run(cfg, progress=False).complete
     return CacheReader(str(out))

@@ -72,8 +72,8 @@ def test_an_s3_cache_extracts_verifies_and_trains_with_two_workers(s3_endpoint: 
                                                                     demo_teacher_ckpt: Path, tmp_path: Path) -> None:
     url = "s3://tigbev/cache"
     result = extract_teacher.run(ExtractTeacherConfig(teacher_checkpoint=demo_teacher_ckpt, dataroot=synth_root,
-                                                      split=SPLIT, out=url, shard_samples=2, batch_size=1, workers=0,
-                                                      device="cpu"), progress=False)
+                                                      split=SPLIT, out_dir=url, shard_samples=2, batch_size=1,
+                                                      workers=0, device="cpu"), progress=False)
     assert result.complete
     assert verify_cache(url) == []
     assert cache_info(url)["done"] == 3

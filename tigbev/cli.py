@@ -261,7 +261,7 @@ def extract_teacher(
     if not (index.isdigit() and count.isdigit()):
         raise _fail(ValueError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}"))
     cfg = ExtractTeacherConfig(
-        teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out=out,
+        teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out_dir=out,
         shard_index=int(index), num_parts=int(count),
         **_given(features=features, feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size,
                  workers=workers, device=device, keypoint_grid=keypoint_grid, keypoint_enlarge_m=keypoint_enlarge_m),

@@ -197,7 +197,7 @@ class ExtractTeacherConfig:
     """A tigbev teacher checkpoint (train-teacher's last.pt)."""
     dataroot: Path
     split: str
-    out: str
+    out_dir: str
     """Cache location: a local directory or an fsspec URL (s3://, gs://, memory://)."""
     features: Literal["dense", "foreground"] = "foreground"
     """Store the whole teacher map, or only the cells around each enlarged GT box (what the losses read)."""
@@ -222,7 +222,7 @@ class ExtractTeacherConfig:
         name = type(self).__name__
         for f in ("teacher_checkpoint", "dataroot"):
             object.__setattr__(self, f, Path(getattr(self, f)))
-        object.__setattr__(self, "out", str(self.out))
+        object.__setattr__(self, "out_dir", str(self.out_dir))
         _require(self.features in ("dense", "foreground"), name, "features", f"got {self.features!r}")
         _require(self.feature_dtype in ("float16", "int8"), name, "feature_dtype", f"got {self.feature_dtype!r}")
         _require(not (self.features == "dense" and self.feature_dtype == "int8"), name, "feature_dtype",

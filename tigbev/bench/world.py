@@ -66,7 +66,7 @@ def extract(ckpt: Path, dataroot: Path, split: str, tokens: Sequence[str], out: 
     shutil.rmtree(out, ignore_errors=True)
     shard_samples = min(shard_samples, len(tokens))
     batch_size = math.gcd(batch_size, shard_samples)
-    ecfg = ExtractTeacherConfig(teacher_checkpoint=ckpt, dataroot=dataroot, split=split, out=str(out),
+    ecfg = ExtractTeacherConfig(teacher_checkpoint=ckpt, dataroot=dataroot, split=split, out_dir=str(out),
                                 features=features, feature_dtype=dtype, workers=workers, device=device,
                                 shard_samples=shard_samples, batch_size=batch_size, keypoint_grid=keypoint_grid)
     return extract_teacher.run(ecfg, progress=False, tokens=tokens)

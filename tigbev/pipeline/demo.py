@@ -143,7 +143,7 @@ def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
 
     _timed(stages, "extract-teacher", cache_complete,
            lambda: extract_teacher.run(ExtractTeacherConfig(
-               teacher_checkpoint=teacher_dir / "last.pt", dataroot=data, split="synth_train", out=str(cache),
+               teacher_checkpoint=teacher_dir / "last.pt", dataroot=data, split="synth_train", out_dir=str(cache),
                workers=cfg.workers, shard_samples=2 if cfg.tiny else 8, batch_size=2,
                keypoint_grid=DEMO_KEYPOINT_GRID), progress=progress), record)
     backbone = None

@@ -191,7 +191,7 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
     fingerprint = reader.fingerprint(cfg.split, tokens, num_sweeps=tcfg.num_sweeps)
     manifest = build_manifest(cfg, teacher_sha=file_sha256(cfg.teacher_checkpoint), teacher_config=tcfg.to_dict(),
                               grid=grid, channels=tcfg.bev_channels, dataset=fingerprint)
-    writer = CacheWriter(cfg.out, manifest)
+    writer = CacheWriter(cfg.out_dir, manifest)
     manifest = writer.manifest
     part, parts = _part_of(cfg)
     n_shards = manifest.num_shards
@@ -204,7 +204,7 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
     # One writer per shard: a lease on the shards still to do (refused while another live writer holds any of
     # them), then the to-do list again, since a writer that finished meanwhile may have done some.
     with writer.lease(not_done()):
-        write_json_file(cfg.out, f"{CONFIG_DIR}/part-{part}-of-{parts}.json",
+        write_json_file(cfg.out_dir, f"{CONFIG_DIR}/part-{part}-of-{parts}.json",
                         {"extract": cfg.to_dict(), "teacher": tcfg.to_dict()})
         todo = not_done()
         ranges = [manifest.shard_range(k) for k in todo]
@@ -257,7 +257,7 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
             raise errors[0]
         complete = writer.finalize()
         end = time.perf_counter()
-        return ExtractResult(url=cfg.out, samples_written=written, samples_skipped=skipped, seconds=end - start,
+        return ExtractResult(url=cfg.out_dir, samples_written=written, samples_skipped=skipped, seconds=end - start,
                              complete=complete, loop_seconds=end - loop_start)
 
 
