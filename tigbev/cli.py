@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from tigbev.config import ExtractTeacherConfig, LossWeights, TrainStudentConfig
+from tigbev.config import ExtractTeacherConfig, LossWeights, PretrainBackboneConfig, TrainStudentConfig
 from tigbev.errors import TigbevError
 
 app = typer.Typer(
@@ -171,25 +171,30 @@ def pretrain_backbone(
     out: Annotated[Path, typer.Option(help="Run directory (new, or an existing one with --resume).")],
     val_split: Annotated[str | None, typer.Option(help="Report per-cell depth and class accuracy on this split.")]
     = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 4,
-    batch_size: Annotated[int, typer.Option(min=1, help="Camera images per step.")] = 12,
-    lr: Annotated[float, typer.Option(help="Peak one-cycle learning rate, a finite number > 0.")] = 2e-3,
-    workers: Annotated[int, typer.Option(min=0)] = 1,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help=f"Default: {_default(PretrainBackboneConfig, 'epochs')}.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help=(
+        f"Camera images per step (default {_default(PretrainBackboneConfig, 'batch_size')})."))] = None,
+    lr: Annotated[float | None, typer.Option(help=(
+        "Peak one-cycle learning rate, a finite number > 0 "
+        f"(default {_default(PretrainBackboneConfig, 'lr')})."))] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help=f"Default: {_default(PretrainBackboneConfig, 'workers')}.")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Default: {_default(PretrainBackboneConfig, 'seed')}.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help=f"'auto', 'cpu' or 'cuda[:N]' (default {_default(PretrainBackboneConfig, 'device')}).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
     no_augment: Annotated[bool, typer.Option(help="Disable image augmentation.")] = False,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
 ) -> None:
     """Pretrain the student's ResNet on the renderer's per-pixel depth and class; writes OUT/backbone.pth for
     train-student --backbone-weights (one pretraining per world, shared by every student)."""
-    from tigbev.config import PretrainBackboneConfig
     from tigbev.stages import pretrain_backbone as stage
 
     result = stage.run(PretrainBackboneConfig(
-        preset=preset, dataroot=dataroot, split=split, out_dir=out, val_split=val_split, epochs=epochs,
-        batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, resume=resume,
-        augment=not no_augment, max_steps=max_steps))
+        preset=preset, dataroot=dataroot, split=split, out_dir=out, val_split=val_split, resume=resume,
+        augment=not no_augment, max_steps=max_steps,
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device)))
     typer.echo(f"pretrained: {result.steps} steps in {result.seconds:.0f} s, backbone {result.backbone}")
     if result.metrics is not None:
         typer.echo("  ".join(f"{k} {v:.3f}" for k, v in result.metrics.items()))
