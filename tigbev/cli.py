@@ -13,7 +13,13 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from tigbev.config import ExtractTeacherConfig, LossWeights, PretrainBackboneConfig, TrainStudentConfig
+from tigbev.config import (
+    ExtractTeacherConfig,
+    LossWeights,
+    PretrainBackboneConfig,
+    SynthConfig,
+    TrainStudentConfig,
+)
 from tigbev.errors import TigbevError
 
 app = typer.Typer(
@@ -92,32 +98,45 @@ def _guarded(command: _F) -> _F:
 @_guarded
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Dataroot to create (must not exist, or be empty).")],
-    scenes: Annotated[int, typer.Option(min=1, help="Number of scenes.")] = 12,
-    samples_per_scene: Annotated[int, typer.Option(min=2, help="Key frames per scene (2 Hz).")] = 10,
+    scenes: Annotated[int | None, typer.Option(
+        min=1, help=f"Number of scenes (default {_default(SynthConfig, 'scenes')}).")] = None,
+    samples_per_scene: Annotated[int | None, typer.Option(min=2, help=(
+        f"Key frames per scene, 2 Hz (default {_default(SynthConfig, 'samples_per_scene')})."))] = None,
     val_scenes: Annotated[
         int | None, typer.Option(min=0, help="Scenes in the synth_val split (the last ones); default: a sixth.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed; the output is a deterministic function of it.")] = 0,
-    image_width: Annotated[int, typer.Option(help="Camera image width (px).")] = 480,
-    image_height: Annotated[int, typer.Option(help="Camera image height (px).")] = 270,
-    sweeps_per_sample: Annotated[int, typer.Option(min=0, help="Non-key LiDAR sweeps between key frames.")] = 2,
-    lidar_azimuth_steps: Annotated[int, typer.Option(help="LiDAR horizontal resolution (steps per turn).")] = 1084,
-    object_density: Annotated[float, typer.Option(help="Scales the number of extra objects (>= 0).")] = 1.0,
-    workers: Annotated[int, typer.Option(min=1, help="Processes rendering scenes in parallel.")] = 2,
+    seed: Annotated[int | None, typer.Option(help=(
+        "Random seed; the output is a deterministic function of it "
+        f"(default {_default(SynthConfig, 'seed')})."))] = None,
+    image_width: Annotated[int | None, typer.Option(
+        help=f"Camera image width, px (default {_default(SynthConfig, 'image_width')}).")] = None,
+    image_height: Annotated[int | None, typer.Option(
+        help=f"Camera image height, px (default {_default(SynthConfig, 'image_height')}).")] = None,
+    sweeps_per_sample: Annotated[int | None, typer.Option(min=0, help=(
+        f"Non-key LiDAR sweeps between key frames (default {_default(SynthConfig, 'sweeps_per_sample')})."))] = None,
+    lidar_azimuth_steps: Annotated[int | None, typer.Option(help=(
+        "LiDAR horizontal resolution, steps per turn "
+        f"(default {_default(SynthConfig, 'lidar_azimuth_steps')})."))] = None,
+    object_density: Annotated[float | None, typer.Option(help=(
+        f"Scales the number of extra objects, >= 0 (default {_default(SynthConfig, 'object_density')})."))] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help=(
+        f"Processes rendering scenes in parallel (default {_default(SynthConfig, 'workers')})."))] = None,
     render_labels: Annotated[bool, typer.Option(
         "--render-labels/--no-render-labels", help="Write the renderer's per-pixel depth and class (renderer/).")]
     = True,
-    label_stride: Annotated[int, typer.Option(min=1, help="Keep every N-th pixel of the renderer's labels.")] = 4,
+    label_stride: Annotated[int | None, typer.Option(min=1, help=(
+        f"Keep every N-th pixel of the renderer's labels (default {_default(SynthConfig, 'label_stride')})."))
+    ] = None,
 ) -> None:
     """Write a synthetic nuScenes-format dataroot (splits synth_train and synth_val)."""
-    from tigbev.config import SynthConfig
     from tigbev.data.synth.writer import write_synthetic_dataset
 
     cfg = SynthConfig(
-        out_dir=out_dir, scenes=scenes, samples_per_scene=samples_per_scene, val_scenes=val_scenes, seed=seed,
-        image_width=image_width, image_height=image_height, sweeps_per_sample=sweeps_per_sample,
-        lidar_azimuth_steps=lidar_azimuth_steps, object_density=object_density, workers=workers,
-        render_labels=render_labels, label_stride=label_stride,
+        out_dir=out_dir, val_scenes=val_scenes, render_labels=render_labels,
+        **_given(scenes=scenes, samples_per_scene=samples_per_scene, seed=seed, image_width=image_width,
+                 image_height=image_height, sweeps_per_sample=sweeps_per_sample,
+                 lidar_azimuth_steps=lidar_azimuth_steps, object_density=object_density, workers=workers,
+                 label_stride=label_stride),
     )
     result = write_synthetic_dataset(cfg)
     typer.echo(
