@@ -29,7 +29,6 @@ from tigbev.config import TrainStudentConfig
 from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
-from tigbev.geometry import BevGrid
 from tigbev.models.student.checkpoint import load_student_checkpoint
 from tigbev.models.student.resnet import load_torchvision_weights
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
@@ -50,7 +49,7 @@ def measure(out: Path, scfg: StudentConfig, batches: list[Any], *, state: dict[s
                               cache=str(out / "cache-train"), teacher="cache", weights=weights,
                               keypoint_grid=DEMO_KEYPOINT_GRID)
     torch.manual_seed(0)
-    model = DistillationModel(scfg, tcfg, BevGrid(**cache.manifest.grid), cache.manifest.features.channels)
+    model = DistillationModel(scfg, tcfg, cache.manifest.grid, cache.manifest.features.channels)
     if state is not None:
         model.load_state_dict(state)
     elif backbone is not None:
@@ -102,7 +101,7 @@ def main() -> None:
     dataset = CameraDetectionDataset(
         reader, tokens, cache=cache, split="synth_train", input_hw=base.input_hw, feature_stride=FEATURE_STRIDE,
         image_policy=ImageAugPolicy(input_hw=base.input_hw), bda_policy=None, seed=0, train=False,
-        point_range_m=_POINT_RANGE, min_depth_m=cache.manifest.depth["min_depth_m"])
+        point_range_m=_POINT_RANGE, min_depth_m=cache.manifest.depth.min_depth_m)
     batches = [collate_camera([dataset[i], dataset[i + 1]]) for i in range(0, 2 * args.batches, 2)]
     backbone = args.out / "pretrain" / "backbone.pth"
     table: dict[str, Any] = {"batches": len(batches), "students": {}}

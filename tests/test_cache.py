@@ -212,7 +212,7 @@ def test_two_parts_in_parallel_equal_one_process(teacher_ckpt: Path, synth_root:
     assert parts == ["part-0-of-2.json", "part-1-of-2.json"]
     resolved = json.loads((out / "configs" / "part-1-of-2.json").read_text())
     assert resolved["extract"]["shard_index"] == 1 and resolved["extract"]["num_parts"] == 2
-    assert resolved["extract"]["keypoint_grid"] == CacheReader(str(out)).manifest.keypoints["grid_size"]
+    assert resolved["extract"]["keypoint_grid"] == CacheReader(str(out)).manifest.keypoints.grid_size
     assert tuple(resolved["teacher"]["point_range_m"]) == teacher_preset("demo").point_range_m
 
 
@@ -302,7 +302,7 @@ def test_real_slice_with_the_nuscenes_preset(real_slice_root: Path, tmp_path: Pa
                                                       shard_samples=1, batch_size=1), progress=False)
     assert result.complete
     reader = CacheReader(str(out))
-    assert reader.manifest.features.channels == 512 and reader.manifest.grid["cell_m"] == pytest.approx(0.8)
+    assert reader.manifest.features.channels == 512 and reader.manifest.grid.cell_m == pytest.approx(0.8)
     s = reader.read(0)
     frame = NuScenesReader(real_slice_root).load_sample(reader.tokens[0])
     # 68 boxes of detection classes, minus those without LiDAR points or outside +-51.2 m.
@@ -357,7 +357,7 @@ def test_the_keypoint_lattice_is_an_extract_teacher_option(teacher_ckpt: Path, s
                                                "--keypoint-enlarge-m", "1.0"))
     assert result.exit_code == 0, result.output
     reader = CacheReader(str(out))
-    assert reader.manifest.keypoints == {"enlarge_m": 1.0, "grid_size": 6}
+    assert (reader.manifest.keypoints.enlarge_m, reader.manifest.keypoints.grid_size) == (1.0, 6)
     sample = reader.read(0)
     assert sample.keypoints.shape == (len(sample.boxes), 36, 2)
     resolved = json.loads((out / "configs" / "part-0-of-1.json").read_text())["extract"]

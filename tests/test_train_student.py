@@ -21,7 +21,6 @@ from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.engine.online_teacher import OnlineTeacher
 from tigbev.errors import TigbevError
-from tigbev.geometry import BevGrid
 from tigbev.stages import train_student
 from tigbev.stages.train_student import DistillationModel
 
@@ -84,7 +83,7 @@ def test_cache_targets_equal_online_targets(synth_root: Path, synth_cache: str, 
     from tigbev.models.student.student import student_preset
 
     scfg = student_preset("demo")
-    grid = BevGrid(**cache.manifest.grid)
+    grid = cache.manifest.grid
     ds = CameraDetectionDataset(reader, reader.sample_tokens(SPLIT), cache=cache, split=SPLIT,
                                 input_hw=scfg.input_hw, feature_stride=16,
                                 image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=None, train=False)
@@ -97,7 +96,7 @@ def test_cache_targets_equal_online_targets(synth_root: Path, synth_cache: str, 
                                   input_hw=scfg.input_hw, feature_stride=16,
                                   image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=None, train=False,
                                   lidar_reader=online.reader, point_range_m=online.cfg.point_range_m,
-                                  online_keypoints=(kp_spec["grid_size"], kp_spec["enlarge_m"]))
+                                  online_keypoints=(kp_spec.grid_size, kp_spec.enlarge_m))
     live_batch = collate_camera([live[0], live[1]])
     assert live_batch.teacher is not None and live_batch.teacher.map_features is None
     torch.testing.assert_close(live_batch.teacher.kp_teacher_xy, batch.teacher.kp_teacher_xy, rtol=0, atol=1e-5)

@@ -43,8 +43,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, Literal
 
+from tigbev.geometry.bev import BevGrid
+
 __all__ = [
     "BOX_COLUMNS",
+    "ArraySpec",
+    "BoxSpec",
+    "DepthSpec",
+    "KeypointSpec",
     "CACHE_ATTR",
     "DEPTH_COLUMNS",
     "FORMAT_VERSION",
@@ -227,43 +233,116 @@ class FeatureStorage:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KeypointSpec:
+    """Each stored box's keypoints (METHOD.md section 6): the box grown by ``enlarge_m`` on every side, then a
+    ``grid_size x grid_size`` lattice over it, edges included (tigbev.geometry.keypoints)."""
+
+    enlarge_m: float
+    grid_size: int
+
+    @property
+    def per_box(self) -> int:
+        return self.grid_size ** 2
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> KeypointSpec:
+        _check_keys(cls, d, "keypoints")
+        return cls(enlarge_m=float(d["enlarge_m"]), grid_size=int(d["grid_size"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DepthSpec:
+    """The LiDAR depth rows: which sweep, which cameras (a row's camera index names ``cameras[i]``), how near."""
+
+    cameras: tuple[str, ...]
+    min_depth_m: float
+    source: str
+    pixels: str
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> DepthSpec:
+        _check_keys(cls, d, "depth")
+        return cls(cameras=tuple(d["cameras"]), min_depth_m=float(d["min_depth_m"]), source=str(d["source"]),
+                   pixels=str(d["pixels"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoxSpec:
+    """Which GT boxes are stored (``filter``: a sentence) and in which frame."""
+
+    filter: str
+    frame: str
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> BoxSpec:
+        _check_keys(cls, d, "boxes")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the cache: what writer, reader, verify, info and dump agree on."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    """Shape of one row (the leading axis counts samples, boxes, points or cells)."""
+    dtype: str
+    dims: tuple[str, ...]
+    """Names of all axes, the leading one first."""
+    columns: tuple[str, ...] | None
+    """Meaning of the last axis' entries, where they have names."""
+    frame: str
+    codec: Literal["ragged", "dense", "flags"]
+    """Which codec pipeline stores it (``CODECS_DESCRIPTION`` in tigbev.cache.store)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything a reader needs to trust and interpret a cache."""
 
     format_version: int
     teacher: TeacherFingerprint
     dataset: DatasetFingerprint
-    grid: dict[str, float]
-    """Teacher BEV grid (tigbev.geometry.BevGrid.to_dict): range, cell size; maps are (C, H=ny, W=nx)."""
+    grid: BevGrid
+    """Teacher BEV grid: range, cell size; maps are (C, H=ny, W=nx)."""
     features: FeatureStorage
-    keypoints: dict[str, Any]
-    """``enlarge_m``, ``grid_size`` (METHOD.md section 6)."""
-    depth: dict[str, Any]
-    """``cameras`` (camera index -> channel), ``min_depth_m``, ``source`` ("key sweep")."""
-    boxes: dict[str, Any]
-    """Which GT boxes are stored (``filter``: a sentence)."""
+    keypoints: KeypointSpec
+    depth: DepthSpec
+    boxes: BoxSpec
     shard_samples: int
     codecs: dict[str, Any]
     provenance: dict[str, Any]
     complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def row_spec(self, name: str) -> tuple[tuple[int, ...], str]:
-        """(shape of one row, dtype) of array ``name``: what writer, reader and verify agree on."""
-        c = self.features.channels
-        k = int(self.keypoints["grid_size"]) ** 2
-        g = self.grid
-        nx = round((g["x_max_m"] - g["x_min_m"]) / g["cell_m"])
-        ny = round((g["y_max_m"] - g["y_min_m"]) / g["cell_m"])
-        specs: dict[str, tuple[tuple[int, ...], str]] = {
-            "boxes": ((len(BOX_COLUMNS),), "float32"), "keypoints": ((k, 2), "float32"),
-            "depth": ((len(DEPTH_COLUMNS),), "float32"), "fg_cells": ((), "int32"),
-            "fg_features": ((c,), self.features.dtype), "fg_scale": ((c,), "float32"), "bev": ((c, ny, nx), "float16"),
-            "done": ((), "uint8"),
+    def array(self, name: str) -> ArraySpec:
+        """The spec of array ``name`` in this cache (row shapes follow the grid, channels and keypoint lattice)."""
+        c, k = self.features.channels, self.keypoints.per_box
+        lidar = self.boxes.frame
+        specs = {
+            "done": ArraySpec("done", (), "uint8", ("sample",), None, "", "flags"),
+            "bev": ArraySpec("bev", (c, self.grid.ny, self.grid.nx), "float16", ("sample", "channel", "y", "x"),
+                             None, lidar, "dense"),
+            "boxes": ArraySpec("boxes", (len(BOX_COLUMNS),), "float32", ("box", "column"), BOX_COLUMNS, lidar,
+                               "ragged"),
+            "keypoints": ArraySpec("keypoints", (k, 2), "float32", ("box", "keypoint", "xy"), ("x_m", "y_m"), lidar,
+                                   "ragged"),
+            "depth": ArraySpec("depth", (len(DEPTH_COLUMNS),), "float32", ("point", "column"), DEPTH_COLUMNS,
+                               f"camera image ({self.depth.pixels})", "ragged"),
+            "fg_cells": ArraySpec("fg_cells", (), "int32", ("cell",), None, "flat index iy * W + ix of the grid",
+                                  "ragged"),
+            "fg_features": ArraySpec("fg_features", (c,), self.features.dtype, ("cell", "channel"), None, lidar,
+                                     "ragged"),
+            "fg_scale": ArraySpec("fg_scale", (c,), "float32", ("sample", "channel"), None, "", "ragged"),
         }
         if name not in specs:
             raise CacheFormatError(f"no array {name!r} in a tigbev cache")
         return specs[name]
+
+    def row_spec(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape of one row, dtype) of array ``name``."""
+        spec = self.array(name)
+        return spec.row_shape, spec.dtype
 
     @property
     def num_shards(self) -> int:
@@ -289,15 +368,20 @@ class Manifest:
             raise CacheFormatError(f"cache format version {version!r} is not supported by this tigbev (reads version "
                                    f"{FORMAT_VERSION}); re-extract the cache or use a matching tigbev")
         _check_keys(cls, d, "top level")
+        _check_keys(BevGrid, d["grid"], "grid")
+        try:
+            grid = BevGrid(**{k: float(v) for k, v in d["grid"].items()})
+        except ValueError as exc:
+            raise CacheFormatError(f"manifest grid: {exc}") from None
         return cls(
             format_version=version,
             teacher=TeacherFingerprint.parse(d["teacher"]),
             dataset=DatasetFingerprint.parse(d["dataset"]),
-            grid=dict(d["grid"]),
+            grid=grid,
             features=FeatureStorage.parse(d["features"]),
-            keypoints=dict(d["keypoints"]),
-            depth=dict(d["depth"]),
-            boxes=dict(d["boxes"]),
+            keypoints=KeypointSpec.parse(d["keypoints"]),
+            depth=DepthSpec.parse(d["depth"]),
+            boxes=BoxSpec.parse(d["boxes"]),
             shard_samples=int(d["shard_samples"]),
             codecs=dict(d["codecs"]),
             provenance=dict(d["provenance"]),
@@ -312,9 +396,10 @@ class Manifest:
         if dataset is not None:
             errors += [f"dataset {d}" for d in self.dataset.differences(dataset)]
         if grid is not None:
+            mine = self.grid.to_dict()
             for k, v in grid.items():
-                if abs(float(self.grid.get(k, float("nan"))) - float(v)) > 1e-6:
-                    errors.append(f"grid {k}: cache has {self.grid.get(k)}, expected {v}")
+                if abs(float(mine.get(k, float("nan"))) - float(v)) > 1e-6:
+                    errors.append(f"grid {k}: cache has {mine.get(k)}, expected {v}")
         if teacher_sha256 is not None and teacher_sha256 != self.teacher.checkpoint_sha256:
             errors.append(f"teacher checkpoint sha256: cache has {self.teacher.checkpoint_sha256[:12]}..., expected "
                           f"{teacher_sha256[:12]}...")

@@ -27,6 +27,7 @@ from tigbev.cache.schema import (
     DatasetFingerprint,
     Manifest,
     missing_value,
+    shard_arrays,
     shard_index_path,
     shard_path,
     tokens_sha256,
@@ -288,11 +289,9 @@ class CacheWriter:
             ("done", {"shape": (n,), "chunks": (s,), "dtype": "uint8", "compressors": [Crc32cCodec()],
                       "fill_value": missing_value("uint8")})]
         if m.features.mode == "dense":
-            nx = round((m.grid["x_max_m"] - m.grid["x_min_m"]) / m.grid["cell_m"])
-            ny = round((m.grid["y_max_m"] - m.grid["y_min_m"]) / m.grid["cell_m"])
-            c = m.features.channels
-            specs.append(("bev", {"shape": (n, c, ny, nx), "chunks": (1, c, ny, nx), "shards": (s, c, ny, nx),
-                                  "dtype": "float16", **_array_kwargs("float16")}))
+            bev = m.array("bev")
+            specs.append(("bev", {"shape": (n, *bev.row_shape), "chunks": (1, *bev.row_shape),
+                                  "shards": (s, *bev.row_shape), "dtype": bev.dtype, **_array_kwargs(bev.dtype)}))
         for name, spec in specs:
             try:
                 self.group.create_array(name, overwrite=False, **spec)
@@ -336,19 +335,11 @@ class CacheWriter:
             offsets["box"] += len(r.boxes)
             offsets["depth"] += len(r.depth)
             offsets["fg"] += len(r.fg_cells)
-        c = m.features.channels
-        k = m.keypoints["grid_size"] ** 2
-        feat_dtype = np.dtype(m.features.dtype)
-        arrays = {
-            "boxes": np.concatenate([r.boxes for r in records]).astype(np.float32).reshape(-1, 10),
-            "keypoints": np.concatenate([r.keypoints for r in records]).astype(np.float32).reshape(-1, k, 2),
-            "depth": np.concatenate([r.depth for r in records]).astype(np.float32).reshape(-1, 5),
-        }
-        if m.features.mode == "foreground":
-            arrays["fg_cells"] = np.concatenate([r.fg_cells for r in records]).astype(np.int32)
-            arrays["fg_features"] = np.concatenate([r.fg_features for r in records]).astype(feat_dtype).reshape(-1, c)
-            if m.features.dtype == "int8":
-                arrays["fg_scale"] = np.stack([r.fg_scale for r in records]).astype(np.float32)
+        arrays = {}
+        for name in shard_arrays(m.features):  # every ragged array of this storage, as its spec says
+            spec = m.array(name)
+            rows = [np.asarray(getattr(r, name)).reshape(-1, *spec.row_shape) for r in records]
+            arrays[name] = np.concatenate(rows).astype(spec.dtype)
         for name, data in arrays.items():
             rows_per_chunk = _ragged_chunk_rows(data.shape[1:], data.dtype)
             shard_rows = max(rows_per_chunk, -(-len(data) // rows_per_chunk) * rows_per_chunk)
@@ -563,9 +554,7 @@ class CacheReader:
         """(C, H, W) teacher map of a sample; in foreground mode zeros where no cell is stored."""
         if sample.map_cells is None:
             return sample.map_features
-        g = self.manifest.grid
-        nx = round((g["x_max_m"] - g["x_min_m"]) / g["cell_m"])
-        ny = round((g["y_max_m"] - g["y_min_m"]) / g["cell_m"])
+        nx, ny = self.manifest.grid.nx, self.manifest.grid.ny
         c = self.manifest.features.channels
         out = np.zeros((c, ny * nx), dtype=np.float32)
         out[:, sample.map_cells] = sample.map_features.T

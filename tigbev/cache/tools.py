@@ -90,7 +90,7 @@ def cache_info(url: str) -> dict[str, Any]:
         "split": m.dataset.split,
         "version": m.dataset.version,
         "features": {"mode": m.features.mode, "dtype": m.features.dtype, "channels": m.features.channels},
-        "grid": m.grid,
+        "grid": m.grid.to_dict(),
         "teacher_sha256": m.teacher.checkpoint_sha256,
         "bytes_per_sample": {k: stored[k] / n_done for k in sorted(data_arrays)},
         "bytes_per_sample_total": total_stored / n_done,
@@ -265,10 +265,9 @@ def keypoint_features(reader: CacheReader, sample) -> tuple[np.ndarray, np.ndarr
     """Teacher features at the sample's keypoints ((M, K, C) float32) and their validity ((M, K) bool)."""
     import torch
 
-    from tigbev.geometry import BevGrid
     from tigbev.geometry.bev_sampling import sample_bev
 
-    grid = BevGrid(**reader.manifest.grid)
+    grid = reader.manifest.grid
     m, k = sample.keypoints.shape[:2]
     fmap = torch.from_numpy(reader.dense_map(sample))[None]
     xy = torch.from_numpy(sample.keypoints.reshape(1, -1, 2)).float()

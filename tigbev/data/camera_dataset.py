@@ -123,7 +123,7 @@ class CameraDetectionDataset(Dataset):
             cache.check_compatible(reader.fingerprint(split, self.tokens, num_sweeps=num_sweeps),
                                    grid=None if cache_grid is None else
                                    {k: v for k, v in cache_grid.to_dict().items() if k != "cell_m"})
-            cameras = list(cache.manifest.depth.get("cameras", []))
+            cameras = list(cache.manifest.depth.cameras)
             if cameras != list(CAMERA_CHANNELS):
                 raise CacheError(f"cache {cache.url} indexes cameras as {cameras}, expected {list(CAMERA_CHANNELS)}")
 

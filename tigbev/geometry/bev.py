@@ -13,13 +13,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = ["NUSCENES_POINT_RANGE_M", "BevGrid"]
 
 NUSCENES_POINT_RANGE_M = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
 """(x_min, y_min, z_min, x_max, y_max, z_max) in the lidar frame: the nuScenes detection range, the teacher's point
 range in both presets and the box filter of a student trained without a cache."""
-from numpy.typing import ArrayLike, NDArray
-
-__all__ = ["BevGrid"]
 
 
 @dataclass(frozen=True, kw_only=True)

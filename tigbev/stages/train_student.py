@@ -259,7 +259,7 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
     cache_fingerprint: dict[str, Any] | None = None
     if cfg.teacher == "cache" and cfg.cache is not None:
         cache = CacheReader(cfg.cache)
-        teacher_grid = BevGrid(**cache.manifest.grid)
+        teacher_grid = cache.manifest.grid
         teacher_channels = cache.manifest.features.channels
         cache_fingerprint = {"teacher": cache.manifest.teacher.checkpoint_sha256,
                              "dataset": cache.manifest.to_dict()["dataset"], "url": cache.url}
@@ -271,7 +271,7 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
         reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
         image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=BevAugmentPolicy() if cfg.augment else None,
         cache_grid=scfg.bev_grid, seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
-        min_depth_m=cache.manifest.depth["min_depth_m"] if cache is not None else 0.5,
+        min_depth_m=cache.manifest.depth.min_depth_m if cache is not None else 0.5,
         lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
         online_keypoints=(cfg.keypoint_grid, KEYPOINT_ENLARGE_M) if online is not None else None,
     )
