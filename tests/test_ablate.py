@@ -57,7 +57,10 @@ def test_headline_deltas_pair_seeds_and_skip_missing_rows() -> None:
     assert over_depth["published_points"] == {"mAP": 2.4, "NDS": 2.3}
     assert heads[("inter_keypoint", "baseline")]["mAP"]["mean_points"] == pytest.approx(-2.0)
     md = ablation_table(result)
-    assert "| +2.0 ± 1.0 | +10.0 ± 5.0 | +2.4 / +2.3 |" in md
+    assert "| +2.0 ± 1.0 | +10.0 ± 5.0 | +2.4 / +2.3 | mAP up in every seed, NDS up in every seed |" in md
+    # Over the baseline: mAP +5 then -9 points, NDS +10 then +20: the mAP difference is inside the noise.
+    over_base = heads[("inter_keypoint", "baseline")]
+    assert (over_base["mAP"]["verdict"], over_base["NDS"]["verdict"]) == ("inside the noise", "up in every seed")
     one_seed = {**result, "rows": [_row("depth", {"0": (0.1, 0.1)}), _row("inter_keypoint", {"1": (0.2, 0.2)})]}
     assert headline_deltas(one_seed) == []  # no seed in common: nothing to pair
 

@@ -160,9 +160,20 @@ def headline_deltas(result: dict[str, Any]) -> list[dict[str, Any]]:
         for metric in ("mAP", "NDS"):
             diffs = [100.0 * (by_key[key]["per_seed"][s][metric] - by_key[ref]["per_seed"][s][metric]) for s in seeds]
             entry[metric] = {"mean_points": statistics.fmean(diffs), "half_range_points": (max(diffs) - min(diffs)) / 2,
-                             "per_seed_points": dict(zip(seeds, diffs))}
+                             "per_seed_points": dict(zip(seeds, diffs)), "verdict": _verdict(diffs)}
         out.append(entry)
     return out
+
+
+def _verdict(diffs: list[float]) -> str:
+    """How the paired differences read: the same sign in every seed, or inside the noise."""
+    if len(diffs) < 2:
+        return "one seed"
+    if min(diffs) > 0:
+        return "up in every seed"
+    if max(diffs) < 0:
+        return "down in every seed"
+    return "inside the noise"
 
 
 def ablation_table(result: dict[str, Any]) -> str:
@@ -176,14 +187,15 @@ def ablation_table(result: dict[str, Any]) -> str:
             "official nuScenes metrics; TP errors are in metres / radians (lower is better).\n")
     heads = headline_deltas(result)
     if heads:
-        note += ("\n| comparison | ΔmAP (points) | ΔNDS (points) | published ΔmAP / ΔNDS (nuScenes val) |\n"
-                 "|---|---|---|---|\n")
+        note += ("\n| comparison | ΔmAP (points) | ΔNDS (points) | published ΔmAP / ΔNDS (nuScenes val) | reading |\n"
+                 "|---|---|---|---|---|\n")
         for h in heads:
             cells = [f"{h[m]['mean_points']:+.1f}" + (f" ± {h[m]['half_range_points']:.1f}" if len(h["seeds"]) > 1
                                                        else "") for m in ("mAP", "NDS")]
             pub = h["published_points"]
+            verdicts = f"mAP {h['mAP']['verdict']}, NDS {h['NDS']['verdict']}"
             note += (f"| {h['reading']} | {cells[0]} | {cells[1]} | "
-                     + ("" if pub is None else f"{pub['mAP']:+.1f} / {pub['NDS']:+.1f}") + " |\n")
+                     + ("" if pub is None else f"{pub['mAP']:+.1f} / {pub['NDS']:+.1f}") + f" | {verdicts} |\n")
         note += "\nDifferences are paired by seed (mean of the per-seed differences, ± half their range).\n"
     return head + "\n".join(lines) + "\n" + note
 
