@@ -338,8 +338,8 @@ class CacheWriter:
         arrays = {}
         for name in shard_arrays(m.features):  # every ragged array of this storage, as its spec says
             spec = m.array(name)
-            rows = [np.asarray(getattr(r, name)).reshape(-1, *spec.row_shape) for r in records]
-            arrays[name] = np.concatenate(rows).astype(spec.dtype)
+            parts = [np.asarray(getattr(r, name)).reshape(-1, *spec.row_shape) for r in records]
+            arrays[name] = np.concatenate(parts).astype(spec.dtype)
         for name, data in arrays.items():
             rows_per_chunk = _ragged_chunk_rows(data.shape[1:], data.dtype)
             shard_rows = max(rows_per_chunk, -(-len(data) // rows_per_chunk) * rows_per_chunk)
