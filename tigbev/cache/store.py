@@ -248,24 +248,24 @@ class CacheWriter:
             _check_output(self.fs, self.root, self.url)
             store = _open_store(self.url, "w")
             try:
-                group = zarr.open_group(store=store, mode="r+")
+                try:
+                    group = zarr.open_group(store=store, mode="r+")
+                except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+                    # The group and its manifest are written in one go, so a part starting at the same moment
+                    # never sees a group without a manifest; if another part created it first, this opens theirs.
+                    group = zarr.open_group(store=store, mode="a", zarr_format=3,
+                                            attributes={CACHE_ATTR: manifest.to_dict()})
                 existing = Manifest.parse(group.attrs.get(CACHE_ATTR))
-            except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-                group, existing = None, None
             except CacheFormatError as exc:
                 raise CacheError(f"{self.url} holds a zarr group that is not a cache of this tigbev ({exc}); choose "
                                  "another output") from None
-            if existing is not None:
-                problems = _resume_mismatches(existing, manifest)
-                if problems:
-                    raise CacheError(f"{self.url} holds a different cache ({'; '.join(problems)}); choose another "
-                                     "output or delete it")
-                self.manifest = existing
-                self.group = group
-            else:
-                self.group = zarr.open_group(store=store, mode="a", zarr_format=3)
-                self._create_fixed_arrays()
-                self.group.attrs[CACHE_ATTR] = manifest.to_dict()
+            problems = _resume_mismatches(existing, manifest)
+            if problems:
+                raise CacheError(f"{self.url} holds a different cache ({'; '.join(problems)}); choose another "
+                                 "output or delete it")
+            self.manifest = existing
+            self.group = group
+            self._create_fixed_arrays()  # whoever comes first creates them; the others find them
         self._lock = threading.Lock()
 
     def lease(self, shards: Sequence[int]) -> WriterLease:
