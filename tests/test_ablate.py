@@ -46,7 +46,7 @@ def test_headline_deltas_pair_seeds_and_skip_missing_rows() -> None:
         _row("inter_keypoint", {"0": (0.15, 0.30), "1": (0.21, 0.40)}),
     ]}
     heads = {(h["row"], h["reference"]): h for h in headline_deltas(result)}
-    assert set(heads) == {("inter_keypoint", "depth"), ("inter_keypoint", "baseline")}  # no online / SA rows
+    assert set(heads) == {("inter_keypoint", "depth"), ("inter_keypoint", "baseline"), ("depth", "baseline")}
     over_depth = heads[("inter_keypoint", "depth")]
     # Paired: seed 0 +3 points, seed 1 +1 point (not the difference of the seed means' spreads).
     assert over_depth["mAP"]["per_seed_points"] == pytest.approx({"0": 3.0, "1": 1.0})

@@ -76,9 +76,13 @@ HEADLINES: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = (
     ("self_assessment", "inter_keypoint", "self-assessment over TiG-BEV", None),
     ("keypoint_only", "depth", "inter-keypoint alone over its base (+ dense depth)", None),
     ("inter_keypoint", "keypoint_only", "inner-depth + inter-channel, with inter-keypoint on", None),
+    ("depth", "baseline", "chain: + dense depth (over detection only)", None),
+    ("inner_depth", "depth", "chain: + inner-depth (over + dense depth)", None),
+    ("inter_channel", "inner_depth", "chain: + inter-channel (over + inner-depth)", None),
+    ("inter_keypoint", "inter_channel", "chain: + inter-keypoint (over + inter-channel)", None),
 )
 """(row, reference row, reading, published (mAP, NDS) points or None): the comparisons METHOD.md section 6 reports,
-and two the paper does not."""
+two the paper does not, and each step of the chain (what every component adds to the rows before it)."""
 
 _METRICS = ("mAP", "NDS", "mATE", "mAOE")
 _DEMO_STUDENTS = {"depth": "baseline", "inter_keypoint": "tig"}
