@@ -18,8 +18,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tigbev.cache.schema import CACHE_ATTR, RAGGED_ARRAYS, shard_path
-from tigbev.cache.store import CacheError, CacheReader, read_parquet_rows
+from tigbev.cache.schema import CACHE_ATTR
+from tigbev.cache.store import CacheError, CacheReader, read_parquet_rows, records_key
 from tigbev.cache.tools import (
     cache_info,
     dump_sample,
@@ -69,18 +69,13 @@ def reference(teacher_ckpt: Path, synth_root: Path, tmp_path_factory: pytest.Tem
 
 
 def _arrays(url: Path | str) -> dict[str, np.ndarray]:
-    """Every array of a cache by path, plus the consolidated index (provenance times aside, all content)."""
+    """Every array of a cache by path (read by zarr-python), plus the consolidated index (provenance times aside,
+    all content)."""
     reader = CacheReader(str(url))
     m = reader.manifest
     out = {"done": np.asarray(reader.group["done"][:])}
-    if m.features.mode == "dense":
-        out["bev"] = np.asarray(reader.group["bev"][:])
     for shard in range(m.num_shards):
-        for name in RAGGED_ARRAYS:
-            try:
-                out[f"{shard}/{name}"] = np.asarray(reader.group[f"{shard_path(shard)}/{name}"][...])
-            except KeyError:
-                pass
+        out[f"{shard}/records"] = np.asarray(reader.group[records_key(shard)][...])
     for k, v in read_parquet_rows(f"{reader.url}/index.parquet").items():
         out[f"index/{k}"] = np.asarray(v, dtype=object)
     return out
@@ -219,18 +214,17 @@ def test_two_parts_in_parallel_equal_one_process(teacher_ckpt: Path, synth_root:
 def test_flipped_byte_is_found_and_named(reference: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(reference, bad)
-    chunk_files = sorted(p for p in (bad / shard_path(1) / "fg_features").rglob("*") if p.is_file()
-                         and p.name != "zarr.json")
-    raw = bytearray(chunk_files[0].read_bytes())
-    raw[len(raw) // 3] ^= 0x10
-    chunk_files[0].write_bytes(bytes(raw))
+    shard_file = bad / records_key(1) / "c" / "0"  # shard 1 holds sample 2 alone
+    raw = bytearray(shard_file.read_bytes())
+    raw[len(raw) // 3] ^= 0x10  # inside the data, before the shard index at the end
+    shard_file.write_bytes(bytes(raw))
     faults = verify_cache(str(bad))
     token = CacheReader(str(bad)).tokens[2]
-    assert [(f.sample_idx, f.array) for f in faults] == [(2, "fg_features")]
-    assert token in str(faults[0])
+    assert [(f.sample_idx, f.array) for f in faults] == [(2, "records")]
+    assert token in str(faults[0]) and "crc32c" in str(faults[0]) and "sections " in str(faults[0])
     result = CliRunner().invoke(app, ["cache", "verify", str(bad)])
-    assert result.exit_code == 1 and "fg_features" in result.output and token in result.output
-    with pytest.raises(CacheError, match=rf"sample 2 \({token}\), array fg_features"):
+    assert result.exit_code == 1 and "records" in result.output and token in result.output
+    with pytest.raises(CacheError, match=rf"sample 2 \({token}\), array records \(sections .*\): inner chunk \d+ "):
         CacheReader(str(bad)).read(2)
     assert verify_cache(str(reference)) == []
     ok = CliRunner().invoke(app, ["cache", "verify", str(reference)])
@@ -274,8 +268,10 @@ def test_fsspec_url(teacher_ckpt: Path, synth_root: Path, reference: Path) -> No
 def test_info_and_dump(reference: Path, tmp_path: Path) -> None:
     info = cache_info(str(reference))
     assert info["complete"] and info["samples"] == 3 and info["done"] == 3
-    assert set(info["bytes_per_sample"]) == {"boxes", "keypoints", "depth", "fg_cells", "fg_features"}
-    assert info["compression_ratio"] > 1.0
+    # Keypoints are not stored (derived from the boxes); foreground records are not compressed.
+    assert set(info["bytes_per_sample"]) == {"boxes", "depth", "aug_from_lidar", "scale", "cells", "features"}
+    assert info["bytes_per_sample_total"] >= sum(info["bytes_per_sample"].values())
+    assert 0 < info["compression_ratio"] <= 1.0
     cli = CliRunner().invoke(app, ["cache", "info", str(reference)])
     assert cli.exit_code == 0 and "KiB/sample" in cli.output
     reader = CacheReader(str(reference))

@@ -19,13 +19,14 @@ import zarr
 from typer.testing import CliRunner
 
 from tigbev.cache.lease import Lease, WriterLease
-from tigbev.cache.schema import LEASE_DIR, shard_path
+from tigbev.cache.record import MapVariant, SampleRecord
+from tigbev.cache.schema import CACHE_ATTR, LEASE_DIR
 from tigbev.cache.store import (
     CacheError,
     CacheReader,
     CacheWriter,
-    SampleRecord,
     fs_and_path,
+    records_key,
 )
 from tigbev.cache.tools import verify_cache
 from tigbev.cli import app
@@ -53,74 +54,104 @@ def damaged(synth_cache: str, tmp_path: Path) -> Path:
     return out
 
 
-def _chunk_file(cache: Path, shard: int, name: str) -> Path:
-    files = sorted(p for p in (cache / shard_path(shard) / name / "c").rglob("*") if p.is_file())
-    assert len(files) == 1, files  # one zarr shard file per array and sample shard
-    return files[0]
+def _shard_file(cache: Path, shard: int) -> Path:
+    path = cache / records_key(shard) / "c" / "0"
+    assert path.is_file() and sorted(p.name for p in path.parent.iterdir()) == ["0"]  # one shard file per shard
+    return path
 
 
-@pytest.mark.parametrize("name", ["boxes", "keypoints", "depth", "fg_cells", "fg_features"])
-def test_a_lost_chunk_file_is_a_named_fault_and_never_reads_as_zeros(damaged: Path, name: str) -> None:
-    _chunk_file(damaged, 1, name).unlink()
+def test_a_lost_shard_file_is_a_named_fault_and_never_reads_as_zeros(damaged: Path) -> None:
+    _shard_file(damaged, 1).unlink()
     token = CacheReader(str(damaged)).tokens[2]
     faults = verify_cache(str(damaged))
-    assert [(f.sample_idx, f.array) for f in faults] == [(2, name)]
+    assert [(f.sample_idx, f.array) for f in faults] == [(2, "records")]
     assert "missing" in faults[0].message and token in str(faults[0])
     cli = CliRunner().invoke(app, ["cache", "verify", str(damaged)])
-    assert cli.exit_code == 1 and name in cli.output and "OK" not in cli.output
+    assert cli.exit_code == 1 and "records" in cli.output and "OK" not in cli.output
     reader = CacheReader(str(damaged))
     reader.read(0)  # the other shard is intact
-    with pytest.raises(CacheError, match=rf"sample 2 \({token}\), array {name}: chunk file .* is missing"):
+    with pytest.raises(CacheError, match=rf"sample 2 \({token}\), array records: chunk file "
+                                         r"shards/000001/records/c/0 is missing"):
         reader.read(2)
 
 
 def test_a_lost_array_metadata_file_is_a_fault(damaged: Path) -> None:
-    (damaged / shard_path(0) / "depth" / "zarr.json").unlink()
+    (damaged / records_key(0) / "zarr.json").unlink()
     faults = verify_cache(str(damaged))
-    assert [(f.sample_idx, f.array) for f in faults] == [(0, "depth"), (1, "depth")]
+    assert [(f.sample_idx, f.array) for f in faults] == [(0, "records"), (1, "records")]
     assert all("zarr.json is missing" in f.message for f in faults)
-    with pytest.raises(CacheError, match=r"sample 0 .* array depth: array metadata .*zarr.json is missing"):
+    with pytest.raises(CacheError, match=r"sample 0 .* array records: array metadata .*zarr.json is missing"):
         CacheReader(str(damaged)).read(0)
 
 
-def test_a_short_feature_array_is_a_fault_not_a_broadcast_error(damaged: Path) -> None:
-    arr = zarr.open_array(str(damaged / shard_path(0) / "fg_features"), mode="r+")
-    rows = arr.shape[0]
-    arr.resize((rows - 100, arr.shape[1]))
+def test_a_short_records_array_is_a_fault(damaged: Path) -> None:
+    arr = zarr.open_array(str(damaged / records_key(0)), mode="r+")
+    size = arr.shape[0]
+    arr.resize((size - 100,))
     faults = verify_cache(str(damaged))
-    assert faults and {f.array for f in faults} == {"fg_features"}
-    assert any(f"stores {rows - 100} rows, the shard index lists {rows}" in f.message for f in faults)
-    reader = CacheReader(str(damaged))
-    with pytest.raises(CacheError, match=r"sample 1 .* array fg_features: rows .* lie past the array's end"):
-        reader.read(1)
+    assert faults and {(f.sample_idx, f.array) for f in faults} >= {(1, "records")}
+    assert any(f"stores {size - 100} bytes, the shard index lists {size}" in f.message for f in faults)
+    with pytest.raises(CacheError, match=r"sample 1 .* array records: bytes .* lie past the array's end"):
+        CacheReader(str(damaged)).read(1)
 
 
-def test_a_lost_chunk_inside_a_shard_file_reads_as_a_fault(damaged: Path) -> None:
-    """Every inner chunk is stored, and the fill value is one no sample holds: a chunk dropped from the zarr
-    shard's index (the file rewritten without it) shows as fill values, which verify reports."""
-    path = damaged / shard_path(0) / "depth"
-    arr = zarr.open_array(str(path), mode="r+", config={"write_empty_chunks": False})
+def test_a_chunk_dropped_from_its_shard_file_is_a_fault_naming_the_sections(damaged: Path) -> None:
+    """Every inner chunk is stored; zarr drops a chunk of fill values from the shard file only when told to, and
+    the shard index then marks it missing, which the reader and verify report (never zeros)."""
+    arr = zarr.open_array(str(damaged / records_key(0)), mode="r+", config={"write_empty_chunks": False})
     assert arr.shards is not None and arr.chunks[0] < arr.shape[0]  # several inner chunks in one file
-    before = _chunk_file(damaged, 0, "depth").stat().st_size
-    arr[: arr.chunks[0]] = np.nan  # the fill value: zarr drops the inner chunk from the shard file
-    assert _chunk_file(damaged, 0, "depth").stat().st_size < before
-    index = CacheReader(str(damaged)).index
-    hit = [i for i in (0, 1) if index["depth_offset"][i] < arr.chunks[0]]
+    before = _shard_file(damaged, 0).stat().st_size
+    arr[: arr.chunks[0]] = 0  # the fill value: zarr leaves inner chunk 0 out of the shard file
+    assert _shard_file(damaged, 0).stat().st_size < before
+    reader = CacheReader(str(damaged))
+    hit = [i for i in (0, 1) if reader.index["record_offset"][i] < arr.chunks[0]]
     faults = verify_cache(str(damaged))
-    assert [(f.sample_idx, f.array) for f in faults] == [(i, "depth") for i in hit]
-    assert all("hold the fill value: a chunk is missing" in f.message for f in faults)
-    with pytest.raises(CacheError, match=r"sample 0 .* array depth: holds the fill value: a chunk is missing"):
-        CacheReader(str(damaged)).read(0)
+    assert [(f.sample_idx, f.array) for f in faults] == [(i, "records") for i in hit]
+    assert all("not in its shard index (lost)" in f.message and "sections boxes" in f.message for f in faults)
+    with pytest.raises(CacheError, match=r"sample 0 .* array records \(sections boxes, .*\): inner chunk\(s\) 0 "):
+        reader.read(0)
 
 
-def test_dense_mode_lost_map_chunk(demo_teacher_ckpt: Path, synth_root: Path, tmp_path: Path) -> None:
+def test_a_truncated_shard_file_is_a_fault(damaged: Path) -> None:
+    path = _shard_file(damaged, 0)
+    path.write_bytes(path.read_bytes()[:-1000])
+    faults = verify_cache(str(damaged))
+    assert [(f.sample_idx, f.array) for f in faults] == [(0, "records"), (1, "records")]
+    assert all("checksum" in f.message or "truncated" in f.message for f in faults)
+    with pytest.raises(CacheError, match=r"sample 1 .* array records: chunk file shards/000000/records/c/0"):
+        CacheReader(str(damaged)).read(1)
+
+
+def test_the_fast_reader_returns_what_zarr_reads(damaged: Path) -> None:
+    """The reader's ranged reads (shard index + crc32c per inner chunk) give exactly zarr-python's bytes."""
+    reader = CacheReader(str(damaged))
+    for shard in range(reader.manifest.num_shards):
+        whole = np.asarray(reader.group[records_key(shard)][...])
+        f = reader.records_file(shard)
+        np.testing.assert_array_equal(f.read(0, len(whole)), whole)
+        np.testing.assert_array_equal(f.read(70_000, 1000), whole[70_000:71_000])  # across no chunk edge
+        np.testing.assert_array_equal(f.read(65_000, 2000), whole[65_000:67_000])  # across one
+
+
+def test_a_cache_of_format_2_is_refused_with_how_to_re_extract(damaged: Path) -> None:
+    g = zarr.open_group(str(damaged), mode="r+")
+    g.attrs[CACHE_ATTR] = {**dict(g.attrs[CACHE_ATTR]), "format_version": 2}
+    with pytest.raises(CacheError, match=r"format version 2 is not supported .* reads version 3\) \(format 2 "
+                                         r"stored .*\); re-extract it with this tigbev's `tigbev extract-teacher`"):
+        CacheReader(str(damaged))
+    cli = CliRunner().invoke(app, ["cache", "info", str(damaged)])
+    assert cli.exit_code == 2 and "re-extract" in cli.output and len(cli.output.strip().splitlines()) == 1
+
+
+def test_dense_mode_lost_shard_file(demo_teacher_ckpt: Path, synth_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "dense"
     extract_teacher.run(_cfg(demo_teacher_ckpt, synth_root, out, features="dense"), progress=False)
     assert verify_cache(str(out)) == []
-    (out / "bev" / "c" / "1" / "0" / "0" / "0").unlink()  # the zarr shard of samples 2..3
+    assert CacheReader(str(out)).read(2).map_features.shape[0] == CacheReader(str(out)).manifest.features.channels
+    _shard_file(out, 1).unlink()
     faults = verify_cache(str(out))
-    assert [(f.sample_idx, f.array) for f in faults] == [(2, "bev")]
-    with pytest.raises(CacheError, match=r"sample 2 .* array bev: chunk file bev/c/1/0/0/0 is missing"):
+    assert [(f.sample_idx, f.array) for f in faults] == [(2, "records")]
+    with pytest.raises(CacheError, match=r"sample 2 .* array records: chunk file shards/000001/records/c/0 is missing"):
         CacheReader(str(out)).read(2)
     CacheReader(str(out)).read(1)
 
@@ -209,11 +240,11 @@ def test_a_finished_shard_is_never_rewritten(synth_cache: str, damaged: Path) ->
     reader = CacheReader(str(damaged))
     writer = CacheWriter(str(damaged), reader.manifest)
     c = reader.manifest.features.channels
+    empty = MapVariant(aug_from_lidar=np.eye(4, dtype=np.float32), cells=np.zeros(0, np.int32),
+                       features=np.zeros((0, c), np.float16), scale=np.ones(c, np.float32))
     records = [SampleRecord(sample_idx=i, token=reader.tokens[i], scene="", timestamp_us=0,
-                            boxes=np.zeros((0, 10), np.float32), keypoints=np.zeros((0, 576, 2), np.float32),
-                            depth=np.zeros((0, 5), np.float32), depth_per_camera=[0] * 6,
-                            fg_cells=np.zeros(0, np.int32), fg_features=np.zeros((0, c), np.float16), fg_scale=None,
-                            bev=None) for i in (0, 1)]
+                            boxes=np.zeros((0, 10), np.float32), depth=np.zeros((0, 5), np.float32),
+                            depth_per_camera=[0] * 6, variants=(empty,)) for i in (0, 1)]
     with pytest.raises(CacheError, match="shard 0 is already complete"):
         writer.write_shard(0, records)
     assert verify_cache(str(damaged)) == []

@@ -23,6 +23,8 @@ GOALS: dict[str, tuple[str, float, str]] = {
     # name: (description, threshold, "max" = value must be <= threshold, "min" = >=)
     "tig_cache_step_ratio": ("TiG-from-cache step / no-distillation step", 1.10, "max"),
     "loader_wait_fraction": ("fraction of a training step waiting for data (cache mode)", 0.10, "max"),
+    "cache_read_over_memmap": ("cache read rate / raw memmap rate of the same bytes (one sample, in process)", 0.5,
+                               "min"),
     "extraction_over_forward": ("extraction samples/s / teacher forward-only samples/s (read + distilled map)",
                                 0.85, "min"),
     "cache_mib_per_sample": ("cache MiB per sample (smallest storage option within the fidelity target)", 4.0,

@@ -29,7 +29,8 @@ class _CacheReads:
 
     def __getitem__(self, i: int) -> int:
         s = self.reader.read(i % len(self.reader))
-        return int(s.boxes.nbytes + s.keypoints.nbytes + s.depth.nbytes + s.map_features.nbytes)
+        return int(s.boxes.nbytes + s.depth.nbytes + sum(
+            m.stored.nbytes + (0 if m.cells is None else m.cells.nbytes) for m in s.maps))
 
 
 class _MemmapReads:
@@ -53,7 +54,8 @@ class _MemmapReads:
 
 
 def _raw_copy(url: str, path: Path) -> list[tuple[int, int]]:
-    """Write every sample's stored arrays (storage dtypes, no compression) to one file; (offset, size) per sample."""
+    """Write every sample's record (its stored sections, as the cache holds them before chunking and checksums) to
+    one file; (offset, size) per sample."""
     from tigbev.cache.store import CacheReader
 
     reader = CacheReader(url)
@@ -61,11 +63,8 @@ def _raw_copy(url: str, path: Path) -> list[tuple[int, int]]:
     with path.open("wb") as f:
         pos = 0
         for i in range(len(reader)):
-            s = reader.read(i)
-            feats = s.map_features.astype(np.float16 if reader.manifest.features.dtype == "float16" else np.int8)
-            parts = [s.boxes, s.keypoints, s.depth, feats] + ([] if s.map_cells is None else
-                                                               [s.map_cells.astype(np.int32)])
-            blob = b"".join(np.ascontiguousarray(p).tobytes() for p in parts)
+            row = reader.record_row(i)
+            blob = reader.records_file(row["shard"]).read(row["record_offset"], row["record_bytes"]).tobytes()
             f.write(blob)
             offsets.append((pos, len(blob)))
             pos += len(blob)

@@ -1,38 +1,42 @@
-"""The on-disk contract of the teacher cache: the one place that defines it. No torch import.
+"""The on-disk contract of the teacher cache: the one place that defines it. No torch, no numpy.
 
 A cache is a zarr v3 group (a local path or an fsspec URL)::
 
     CACHE/zarr.json                       group; attributes["tigbev_cache"] = the manifest (below)
     CACHE/done                            (N,) uint8   per-sample done flags, one chunk per sample shard
-    CACHE/bev                             (N, C, H, W) teacher BEV map, dense mode only; one zarr shard per
-                                          sample shard, one chunk per sample
-    CACHE/shards/<k:06d>/boxes            (M_k, 10) float32   x, y, z, l, w, h, yaw, vx, vy, label
-    CACHE/shards/<k:06d>/keypoints        (M_k, K, 2) float32 metric (x, y) of each box's keypoints
-    CACHE/shards/<k:06d>/depth            (P_k, 5) float32    u, v (original image pixels), depth (m),
-                                          GT box index within the sample (-1: none), camera index
-    CACHE/shards/<k:06d>/fg_cells         (F_k,) int32        flat index iy * W + ix of stored map cells
-    CACHE/shards/<k:06d>/fg_features      (F_k, C) float16 | int8  teacher features of those cells
-    CACHE/shards/<k:06d>/fg_scale         (S_k, C) float32    int8 only: per-sample, per-channel scale
-    CACHE/index/<k:06d>.parquet           one row per sample of shard k (INDEX_COLUMNS)
+    CACHE/shards/<k:06d>/records          (B_k,) uint8 the shard's sample records, one after the other (RECORD
+                                          layout below); inner chunks of ``records_chunk_bytes``, each with a
+                                          crc32c, all in one zarr shard file (``records/c/0``)
+    CACHE/index/<k:06d>.parquet           one row per sample of shard k (INDEX_COLUMNS): where its record lies
+                                          and how many rows each of its sections holds
     CACHE/index.parquet                   all rows, written when the cache is complete
     CACHE/writers/<writer id>.json        the lease of each running extraction (pid, host, shards, heartbeat)
     CACHE/configs/part-<i>-of-<n>.json    the resolved configuration of each extraction part (CONFIG_DIR)
 
 (The Parquet files sit outside the zarr hierarchy; readers open zarr members by name and never list them.)
 
-Everything is in the **un-augmented key lidar frame** of each sample; BEV maps are (C, H, W) with rows = y and
-columns = x on ``manifest.grid`` (docs/COORDINATES.md). Samples are grouped in shards of ``shard_samples``
-consecutive samples; a shard's data is written by exactly one writer, in one go, and its done flags are set only
-after all its data is written, so a killed extraction resumes shard by shard and parallel writers never share a
-chunk. A writer holds a lease on the shards it writes (``writers/``); a second writer of the same shards is refused
-while the lease is live (its process alive, its heartbeat fresh). Every chunk carries a crc32c checksum, and every
-chunk is stored, even one of fill values; arrays are filled with a value no real sample holds
-(:func:`missing_value`: NaN, -1 for cell indices, -128 for int8 features), so a lost chunk can never read back as
-plausible zeros.
+A sample's record is its sections, each starting at a multiple of ``SECTION_ALIGN`` bytes (:meth:`Manifest.sections`):
+``boxes`` (M, 10) float32 and ``depth`` (P, 5) float32, then for each stored teacher-map variant (``variants``:
+the canonical map, later also flipped or augmented views) ``aug_from_lidar`` (1, 4, 4) float32 (the variant's
+frame: identity for the canonical map), ``scale`` (1, C) float32 (per-channel scale), and ``cells`` (F,) int32 +
+``features`` (F, C) (foreground mode) or ``features`` (1, C, H, W) (dense mode), float16 or int8. One sample is one
+contiguous byte range, so a read is one ranged read of the shard file plus one checksum per inner chunk. Keypoints
+are not stored: they follow from the boxes and the keypoint spec (:func:`tigbev.cache.record.box_keypoints`).
 
-Foreground mode stores, instead of the dense map, every cell that bilinear sampling at any keypoint touches (plus
-the cells under each enlarged box), so keypoint features read back from the cache equal those sampled from the
-dense map. int8 quantises each channel symmetrically with a per-sample scale (max |value| / 127).
+Everything is in the **un-augmented key lidar frame** of each sample (a variant's map in its ``aug_from_lidar``
+frame); BEV maps are (C, H, W) with rows = y and columns = x on ``manifest.grid`` (docs/COORDINATES.md). Samples
+are grouped in shards of ``shard_samples`` consecutive samples; a shard's data is written by exactly one writer,
+in one go, and its done flags are set only after all its data is written, so a killed extraction resumes shard by
+shard and parallel writers never share a chunk. A writer holds a lease on the shards it writes (``writers/``); a
+second writer of the same shards is refused while the lease is live (its process alive, its heartbeat fresh).
+Every inner chunk carries a crc32c checksum and every chunk is stored (the shard file's index, itself
+checksummed, marks a lost one), so a lost or damaged chunk is an error that names the sample, never zeros.
+
+Features are stored divided by a per-sample, per-channel scale (the channel's peak magnitude): float16 keeps the
+same relative precision in every channel, even a near-zero one, and int8 rounds ``127 * value / scale``.
+Foreground mode stores, instead of the dense map, every cell that bilinear sampling at any keypoint touches (plus a
+margin, :func:`tigbev.cache.record.foreground_cells`), so keypoint features read back from the cache equal those
+sampled from the dense map.
 """
 
 from __future__ import annotations
@@ -47,34 +51,40 @@ from tigbev.geometry.bev import BevGrid
 
 __all__ = [
     "BOX_COLUMNS",
-    "ArraySpec",
-    "BoxSpec",
-    "DepthSpec",
-    "KeypointSpec",
     "CACHE_ATTR",
+    "CONFIG_DIR",
     "DEPTH_COLUMNS",
     "FORMAT_VERSION",
     "INDEX_COLUMNS",
+    "LEASE_DIR",
+    "RECORDS_ARRAY",
+    "SECTION_ALIGN",
+    "ArraySpec",
+    "BoxSpec",
     "CacheFormatError",
     "DatasetFingerprint",
+    "DepthSpec",
     "FeatureStorage",
-    "CONFIG_DIR",
-    "LEASE_DIR",
+    "KeypointSpec",
     "Manifest",
+    "Section",
     "TeacherFingerprint",
-    "missing_value",
-    "shard_arrays",
+    "VariantSpec",
     "shard_index_path",
     "shard_path",
     "tokens_sha256",
 ]
 
-FORMAT_VERSION: Final[int] = 2
-"""2: NaN / -1 / -128 fill values with every chunk stored, writer leases, content-based dataset fingerprint."""
+FORMAT_VERSION: Final[int] = 3
+"""3: one record per sample (one ranged read), keypoints derived from the boxes, per-channel-scaled features,
+teacher-map variants. Versions and what changed: docs/CACHE.md."""
 CACHE_ATTR: Final[str] = "tigbev_cache"
 BOX_COLUMNS: Final[tuple[str, ...]] = ("x_m", "y_m", "z_m", "l_m", "w_m", "h_m", "yaw_rad", "vx_mps", "vy_mps",
                                         "label")
 DEPTH_COLUMNS: Final[tuple[str, ...]] = ("u_px", "v_px", "depth_m", "box_index", "camera_index")
+RECORDS_ARRAY: Final[str] = "records"
+SECTION_ALIGN: Final[int] = 16
+"""Every section of a record starts at a multiple of this many bytes from the record's start."""
 # Columns of index.parquet and their Arrow types (as strings: this module imports no pyarrow either).
 INDEX_COLUMNS: Final[dict[str, str]] = {
     "sample_idx": "int64",
@@ -82,16 +92,15 @@ INDEX_COLUMNS: Final[dict[str, str]] = {
     "scene": "string",
     "timestamp_us": "int64",
     "shard": "int64",
+    "record_offset": "int64",
+    "record_bytes": "int64",
     "num_boxes": "int64",
-    "box_offset": "int64",
     "num_depth": "int64",
-    "depth_offset": "int64",
     "depth_per_camera": "list<int64>",
-    "num_fg_cells": "int64",
-    "fg_offset": "int64",
-    "fg_scale_row": "int64",
+    "num_cells": "list<int64>",
 }
-RAGGED_ARRAYS: Final[tuple[str, ...]] = ("boxes", "keypoints", "depth", "fg_cells", "fg_features", "fg_scale")
+"""``record_offset`` / ``record_bytes``: the record's byte range in its shard's ``records`` array; ``num_cells``:
+the map cells each variant stores (foreground mode; dense mode: H * W each)."""
 LEASE_DIR: Final[str] = "writers"
 CONFIG_DIR: Final[str] = "configs"
 """``CACHE/configs/part-<i>-of-<n>.json``: the resolved configuration of each extraction part (its command's options
@@ -99,6 +108,7 @@ with every default filled in, and the teacher's architecture), written when the 
 
 FeatureMode = Literal["dense", "foreground"]
 FeatureDtype = Literal["float16", "int8"]
+VariantKind = Literal["canonical"]
 
 
 class CacheFormatError(ValueError):
@@ -116,30 +126,6 @@ def shard_index_path(shard: int) -> str:
 def tokens_sha256(tokens: Sequence[str]) -> str:
     """sha256 of the ordered sample tokens (one per line)."""
     return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
-
-
-def shard_arrays(features: FeatureStorage) -> tuple[str, ...]:
-    """The ragged arrays every finished shard holds, for this feature storage."""
-    names = ["boxes", "keypoints", "depth"]
-    if features.mode == "foreground":
-        names += ["fg_cells", "fg_features"] + (["fg_scale"] if features.dtype == "int8" else [])
-    return tuple(names)
-
-
-def missing_value(dtype: str) -> float | int:
-    """The fill value of an array of ``dtype``: one that no written sample holds, so a read that returns it has hit
-    a chunk that is not there. Floats: NaN; int32 (cell indices, >= 0): -1; int8 (quantised to [-127, 127]): -128;
-    uint8 (done flags): 0, i.e. "not done"."""
-    match dtype:
-        case "float16" | "float32":
-            return float("nan")
-        case "int32":
-            return -1
-        case "int8":
-            return -128
-        case "uint8":
-            return 0
-    raise CacheFormatError(f"no fill value defined for dtype {dtype!r}")
 
 
 def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
@@ -223,8 +209,9 @@ class FeatureStorage:
             raise CacheFormatError(f"features.mode must be 'dense' or 'foreground', got {self.mode!r}")
         if self.dtype not in ("float16", "int8"):
             raise CacheFormatError(f"features.dtype must be 'float16' or 'int8', got {self.dtype!r}")
-        if self.mode == "dense" and self.dtype != "float16":
-            raise CacheFormatError("dense features are stored as float16 only")
+        if self.channels < 1 or self.margin_cells < 0:
+            raise CacheFormatError(f"features: channels must be >= 1 and margin_cells >= 0, got {self.channels}, "
+                                   f"{self.margin_cells}")
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> FeatureStorage:
@@ -279,21 +266,74 @@ class BoxSpec:
         return cls(**d)
 
 
+@dataclass(frozen=True, kw_only=True)
+class VariantSpec:
+    """Which teacher maps each record stores: ``count`` views of the sample, each with its own frame
+    (``aug_from_lidar``). ``canonical``: one map, of the un-augmented points (BEV augmentation is replayed on it)."""
+
+    kind: VariantKind = "canonical"
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind != "canonical" or self.count != 1:
+            raise CacheFormatError(f"variants: this tigbev writes and reads kind 'canonical' with count 1, got "
+                                   f"{self.kind!r} with count {self.count}")
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> VariantSpec:
+        _check_keys(cls, d, "variants")
+        return cls(kind=d["kind"], count=int(d["count"]))
+
+
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of the cache: what writer, reader, verify, info and dump agree on."""
+    """One array of the cache, or one section of a sample record: what writer, reader, verify, info and dump agree
+    on. A section of ``n`` rows has the shape ``(n, *row_shape)``."""
 
     name: str
     row_shape: tuple[int, ...]
-    """Shape of one row (the leading axis counts samples, boxes, points or cells)."""
+    """Shape of one row (the leading axis counts samples, boxes, points, cells or, for one-row sections, 1)."""
     dtype: str
     dims: tuple[str, ...]
     """Names of all axes, the leading one first."""
     columns: tuple[str, ...] | None
     """Meaning of the last axis' entries, where they have names."""
     frame: str
-    codec: Literal["ragged", "dense", "flags"]
-    """Which codec pipeline stores it (``CODECS_DESCRIPTION`` in tigbev.cache.store)."""
+    per_variant: bool = False
+    """A section each teacher-map variant has (True), or one per record."""
+
+    @property
+    def row_bytes(self) -> int:
+        n = 1
+        for d in self.row_shape:
+            n *= d
+        return n * _ITEMSIZE[self.dtype]
+
+
+_ITEMSIZE: Final[dict[str, int]] = {"uint8": 1, "int8": 1, "float16": 2, "int32": 4, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Section:
+    """Where one section of one sample's record lies: bytes ``offset .. offset + nbytes`` of the record."""
+
+    spec: ArraySpec
+    variant: int
+    """Teacher-map variant (0 for the per-record sections ``boxes`` and ``depth``)."""
+    rows: int
+    offset: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.spec.row_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.spec.row_bytes
+
+    @property
+    def label(self) -> str:
+        return self.spec.name if not self.spec.per_variant else f"{self.spec.name}[{self.variant}]"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,40 +349,65 @@ class Manifest:
     keypoints: KeypointSpec
     depth: DepthSpec
     boxes: BoxSpec
+    variants: VariantSpec
     shard_samples: int
+    records_chunk_bytes: int
+    """Inner chunk size of the ``records`` arrays (a read fetches the whole chunks its record overlaps)."""
     codecs: dict[str, Any]
     provenance: dict[str, Any]
     complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def array(self, name: str) -> ArraySpec:
-        """The spec of array ``name`` in this cache (row shapes follow the grid, channels and keypoint lattice)."""
-        c, k = self.features.channels, self.keypoints.per_box
-        lidar = self.boxes.frame
+        """The spec of array or record section ``name`` in this cache (row shapes follow the grid, the channels and
+        the feature mode)."""
+        c, lidar = self.features.channels, self.boxes.frame
+        dense = self.features.mode == "dense"
         specs = {
-            "done": ArraySpec("done", (), "uint8", ("sample",), None, "", "flags"),
-            "bev": ArraySpec("bev", (c, self.grid.ny, self.grid.nx), "float16", ("sample", "channel", "y", "x"),
-                             None, lidar, "dense"),
-            "boxes": ArraySpec("boxes", (len(BOX_COLUMNS),), "float32", ("box", "column"), BOX_COLUMNS, lidar,
-                               "ragged"),
-            "keypoints": ArraySpec("keypoints", (k, 2), "float32", ("box", "keypoint", "xy"), ("x_m", "y_m"), lidar,
-                                   "ragged"),
+            "done": ArraySpec("done", (), "uint8", ("sample",), None, ""),
+            RECORDS_ARRAY: ArraySpec(RECORDS_ARRAY, (), "uint8", ("byte",), None, ""),
+            "boxes": ArraySpec("boxes", (len(BOX_COLUMNS),), "float32", ("box", "column"), BOX_COLUMNS, lidar),
             "depth": ArraySpec("depth", (len(DEPTH_COLUMNS),), "float32", ("point", "column"), DEPTH_COLUMNS,
-                               f"camera image ({self.depth.pixels})", "ragged"),
-            "fg_cells": ArraySpec("fg_cells", (), "int32", ("cell",), None, "flat index iy * W + ix of the grid",
-                                  "ragged"),
-            "fg_features": ArraySpec("fg_features", (c,), self.features.dtype, ("cell", "channel"), None, lidar,
-                                     "ragged"),
-            "fg_scale": ArraySpec("fg_scale", (c,), "float32", ("sample", "channel"), None, "", "ragged"),
+                               f"camera image ({self.depth.pixels})"),
+            "aug_from_lidar": ArraySpec("aug_from_lidar", (4, 4), "float32", ("one", "row", "column"), None,
+                                        f"{lidar} -> the variant's frame", per_variant=True),
+            "scale": ArraySpec("scale", (c,), "float32", ("one", "channel"), None, "", per_variant=True),
+            "cells": ArraySpec("cells", (), "int32", ("cell",), None, "flat index iy * W + ix of the grid",
+                               per_variant=True),
+            "features": ArraySpec("features", (c, self.grid.ny, self.grid.nx) if dense else (c,), self.features.dtype,
+                                  ("one", "channel", "y", "x") if dense else ("cell", "channel"), None,
+                                  "the variant's frame", per_variant=True),
         }
+        if dense:
+            del specs["cells"]
         if name not in specs:
-            raise CacheFormatError(f"no array {name!r} in a tigbev cache")
+            raise CacheFormatError(f"no array or record section {name!r} in a tigbev cache of this storage")
         return specs[name]
 
-    def row_spec(self, name: str) -> tuple[tuple[int, ...], str]:
-        """(shape of one row, dtype) of array ``name``."""
-        spec = self.array(name)
-        return spec.row_shape, spec.dtype
+    def sections(self, num_boxes: int, num_depth: int, num_cells: Sequence[int]) -> tuple[Section, ...]:
+        """The sections of one sample's record, in order, with their byte offsets (each aligned to
+        ``SECTION_ALIGN``). ``num_cells``: cells per variant (ignored in dense mode)."""
+        if len(num_cells) != self.variants.count:
+            raise CacheFormatError(f"a record holds {self.variants.count} map variant(s), got cell counts for "
+                                   f"{len(num_cells)}")
+        plan: list[tuple[str, int, int]] = [("boxes", 0, num_boxes), ("depth", 0, num_depth)]
+        for v, cells in enumerate(num_cells):
+            plan += [("aug_from_lidar", v, 1), ("scale", v, 1)]
+            plan += [("features", v, 1)] if self.features.mode == "dense" else [("cells", v, cells),
+                                                                               ("features", v, cells)]
+        out, offset = [], 0
+        for name, v, rows in plan:
+            if rows < 0:
+                raise CacheFormatError(f"record section {name}: negative row count {rows}")
+            section = Section(self.array(name), v, rows, offset)
+            out.append(section)
+            offset = -(-(offset + section.nbytes) // SECTION_ALIGN) * SECTION_ALIGN
+        return tuple(out)
+
+    def record_bytes(self, num_boxes: int, num_depth: int, num_cells: Sequence[int]) -> int:
+        """Size of a record: its last section's end, rounded up to ``SECTION_ALIGN``."""
+        last = self.sections(num_boxes, num_depth, num_cells)[-1]
+        return -(-(last.offset + last.nbytes) // SECTION_ALIGN) * SECTION_ALIGN
 
     @property
     def num_shards(self) -> int:
@@ -365,8 +430,11 @@ class Manifest:
             raise CacheFormatError("no tigbev cache manifest found (is this a tigbev cache?)")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise CacheFormatError(f"cache format version {version!r} is not supported by this tigbev (reads version "
-                                   f"{FORMAT_VERSION}); re-extract the cache or use a matching tigbev")
+            hint = (" (format 2 stored six zarr arrays per shard and the keypoints; format 3 stores one record per "
+                    "sample)") if version == 2 else ""
+            raise CacheFormatError(f"cache format version {version!r} is not supported by this tigbev (it reads "
+                                   f"version {FORMAT_VERSION}){hint}; re-extract it with this tigbev's `tigbev "
+                                   "extract-teacher` into a new --out, or read it with the tigbev that wrote it")
         _check_keys(cls, d, "top level")
         _check_keys(BevGrid, d["grid"], "grid")
         try:
@@ -382,7 +450,9 @@ class Manifest:
             keypoints=KeypointSpec.parse(d["keypoints"]),
             depth=DepthSpec.parse(d["depth"]),
             boxes=BoxSpec.parse(d["boxes"]),
+            variants=VariantSpec.parse(d["variants"]),
             shard_samples=int(d["shard_samples"]),
+            records_chunk_bytes=int(d["records_chunk_bytes"]),
             codecs=dict(d["codecs"]),
             provenance=dict(d["provenance"]),
             complete=bool(d["complete"]),

@@ -12,7 +12,6 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -20,40 +19,59 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tigbev.cache.lease import LeaseConflict, WriterLease
+from tigbev.cache.record import CachedSample, SampleRecord, dense_map, pack_record, unpack_record
 from tigbev.cache.schema import (
     CACHE_ATTR,
     INDEX_COLUMNS,
+    RECORDS_ARRAY,
     CacheFormatError,
     DatasetFingerprint,
+    FeatureStorage,
     Manifest,
-    missing_value,
-    shard_arrays,
     shard_index_path,
     shard_path,
     tokens_sha256,
 )
+from tigbev.cache.shard_file import RecordsFile, ShardFileError
 from tigbev.errors import TigbevError
 
-__all__ = ["CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleRecord", "fs_and_path", "holds_fill",
-           "open_array", "read_parquet_rows", "remote_errors", "shard_files", "tokens_sha256"]
+__all__ = ["RECORDS_CHUNK_BYTES", "CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleFault", "SampleRecord",
+           "codecs_description", "fs_and_path", "read_parquet_rows", "records_key", "remote_errors", "tokens_sha256"]
 
-_RAGGED_CHUNK_BYTES = 256 * 1024  # inner chunk size of ragged arrays: a sample reads a few chunks, not a shard
+RECORDS_CHUNK_BYTES = 64 * 1024
+"""Inner chunk size of the records arrays: a read fetches the chunks its record overlaps, at most one extra
+chunk's worth of bytes at each end."""
 
 
 class CacheError(TigbevError):
     """A cache that is missing, incomplete, corrupt, or does not match what is asked of it."""
 
 
-def _codecs(kind: str) -> list[Any]:
-    """Compression + checksum chain: zstd inside blosc with byte shuffle for numbers, crc32c last (verified on read)."""
+class SampleFault(CacheError):
+    """A sample whose record cannot be read: ``what`` went wrong, in which record ``sections``."""
+
+    def __init__(self, url: str, sample_idx: int, token: str, what: str, sections: Sequence[str] = ()):
+        self.sample_idx, self.token, self.what, self.sections = sample_idx, token, what, tuple(sections)
+        hit = f" (sections {', '.join(sections)})" if sections else ""
+        super().__init__(f"cache {url}: sample {sample_idx} ({token}), array {RECORDS_ARRAY}{hit}: {what} "
+                         "(`tigbev cache verify` lists every fault)")
+
+
+def _records_codecs(features: FeatureStorage) -> list[Any]:
+    """Inner-chunk codecs of the records arrays: crc32c only for foreground records (a read is a ranged read plus a
+    checksum), blosc-zstd first for dense maps (mostly zeros after the teacher's ReLU, 2-10x smaller)."""
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    shuffle = "bitshuffle" if kind == "int8" else "shuffle"
-    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
+    if features.mode == "dense":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle"), Crc32cCodec()]
+    return [Crc32cCodec()]
 
 
-CODECS_DESCRIPTION = {"compressor": "blosc(zstd, clevel 5, byte shuffle; bit shuffle for int8)", "checksum": "crc32c",
-                      "zarr_format": 3, "ragged_inner_chunk_bytes": _RAGGED_CHUNK_BYTES}
+def codecs_description(features: FeatureStorage) -> dict[str, Any]:
+    """What the manifest records about the codecs (the array's zarr.json is what readers follow)."""
+    compressor = "blosc(zstd, clevel 3)" if features.mode == "dense" else "none"
+    return {"zarr_format": 3, "records": f"sharding_indexed: one shard file per sample shard; inner chunks "
+                                         f"{compressor} + crc32c; index bytes + crc32c at the end"}
 
 
 def _is_remote(url: str) -> bool:
@@ -158,77 +176,9 @@ def read_parquet_rows(url: str) -> dict[str, list[Any]]:
             return pq.read_table(f).to_pydict()
 
 
-@dataclass
-class SampleRecord:
-    """What extraction writes for one sample (all in the un-augmented key lidar frame)."""
-
-    sample_idx: int
-    token: str
-    scene: str
-    timestamp_us: int
-    boxes: NDArray[np.float32]  # (M, 10): box layout + label
-    keypoints: NDArray[np.float32]  # (M, K, 2)
-    depth: NDArray[np.float32]  # (P, 5): u, v, depth, box index, camera index; sorted by camera
-    depth_per_camera: list[int]
-    fg_cells: NDArray[np.int32]  # (F,) foreground mode
-    fg_features: NDArray  # (F, C) float16 or int8
-    fg_scale: NDArray[np.float32] | None  # (C,) int8 only
-    bev: NDArray[np.float16] | None  # (C, H, W) dense mode
-
-
-@dataclass
-class CachedSample:
-    """One sample as read back. ``map_cells``/``map_features`` hold the stored teacher map cells (dense mode: all).
-
-    Use :meth:`CacheReader.dense_map` to rebuild a (C, H, W) float32 map with zeros where nothing is stored.
-    """
-
-    sample_idx: int
-    token: str
-    boxes: NDArray[np.float32]  # (M, 9)
-    labels: NDArray[np.int64]  # (M,)
-    keypoints: NDArray[np.float32]  # (M, K, 2)
-    depth: NDArray[np.float32]  # (P, 5)
-    depth_per_camera: list[int]
-    map_cells: NDArray[np.int64] | None  # (F,) flat cell indices, None in dense mode
-    map_features: NDArray[np.float32]  # (F, C) foreground, or (C, H, W) dense, float32
-
-
-def _ragged_chunk_rows(row_shape: tuple[int, ...], dtype: np.dtype) -> int:
-    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-    return max(1, _RAGGED_CHUNK_BYTES // row_bytes)
-
-
-def _array_kwargs(dtype: str) -> dict[str, Any]:
-    """Fill value no sample holds, every chunk stored (even one of fill values), codecs with checksum."""
-    return {"fill_value": missing_value(dtype), "config": {"write_empty_chunks": True}, "compressors": _codecs(dtype)}
-
-
-def shard_files(arr: Any, rows: range) -> list[str]:
-    """Store keys (relative to the array) of the zarr shard files that hold ``rows`` of a row-sharded array."""
-    if len(rows) == 0:
-        return []
-    per_file = (arr.shards or arr.chunks)[0]
-    tail = (0,) * (arr.ndim - 1)
-    return [arr.metadata.encode_chunk_key((i, *tail)) for i in range(rows.start // per_file,
-                                                                       (rows.stop - 1) // per_file + 1)]
-
-
-def holds_fill(data: NDArray) -> NDArray[np.bool_]:
-    """Which elements equal their dtype's fill value (schema.missing_value): data that was never read."""
-    fill = missing_value(str(data.dtype))
-    return np.isnan(data) if isinstance(fill, float) else data == fill
-
-
-def open_array(group: Any, path: str) -> Any | None:
-    """The zarr array at ``path`` of ``group``, or None when its metadata (``zarr.json``) is missing."""
-    import zarr
-
-    try:
-        node = group[path]
-    except (KeyError, FileNotFoundError, zarr.errors.NodeNotFoundError):
-        return None
-    return node if isinstance(node, zarr.Array) else None
+def records_key(shard: int) -> str:
+    """Store key (relative to the cache) of shard ``shard``'s records array."""
+    return f"{shard_path(shard)}/{RECORDS_ARRAY}"
 
 
 class CacheWriter:
@@ -278,25 +228,17 @@ class CacheWriter:
             raise CacheError(str(exc)) from None
 
     def _create_fixed_arrays(self) -> None:
-        m = self.manifest
-        n, s = m.dataset.num_samples, m.shard_samples
         import zarr
         from zarr.codecs import Crc32cCodec
 
-        # Several parts may start at once: whoever creates an array first wins, the others reuse it. Never
+        m = self.manifest
+        # Several parts may start at once: whoever creates the flags first wins, the others reuse them. Never
         # overwrite here, or a late starter would wipe the done flags of an early one.
-        specs: list[tuple[str, dict[str, Any]]] = [
-            ("done", {"shape": (n,), "chunks": (s,), "dtype": "uint8", "compressors": [Crc32cCodec()],
-                      "fill_value": missing_value("uint8")})]
-        if m.features.mode == "dense":
-            bev = m.array("bev")
-            specs.append(("bev", {"shape": (n, *bev.row_shape), "chunks": (1, *bev.row_shape),
-                                  "shards": (s, *bev.row_shape), "dtype": bev.dtype, **_array_kwargs(bev.dtype)}))
-        for name, spec in specs:
-            try:
-                self.group.create_array(name, overwrite=False, **spec)
-            except zarr.errors.ContainsArrayError:
-                pass
+        try:
+            self.group.create_array("done", shape=(m.dataset.num_samples,), chunks=(m.shard_samples,), dtype="uint8",
+                                    compressors=[Crc32cCodec()], fill_value=0, overwrite=False)
+        except zarr.errors.ContainsArrayError:
+            pass
 
     def done_flags(self) -> NDArray[np.bool_]:
         with remote_errors(self.url):
@@ -323,35 +265,24 @@ class CacheWriter:
 
     def _write_shard(self, shard: int, records: Sequence[SampleRecord], expected: list[int]) -> None:
         m = self.manifest
+        rows, blobs, offset = [], [], 0
+        for r in records:
+            blob = pack_record(m, r)
+            rows.append({"sample_idx": r.sample_idx, "token": r.token, "scene": r.scene,
+                         "timestamp_us": r.timestamp_us, "shard": shard, "record_offset": offset,
+                         "record_bytes": len(blob), "num_boxes": len(r.boxes), "num_depth": len(r.depth),
+                         "depth_per_camera": list(r.depth_per_camera), "num_cells": r.num_cells})
+            blobs.append(blob)
+            offset += len(blob)
+        data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        chunk = m.records_chunk_bytes
         g = self.group.require_group(shard_path(shard))
-        rows, offsets = [], {"box": 0, "depth": 0, "fg": 0}
-        for j, r in enumerate(records):
-            rows.append({
-                "sample_idx": r.sample_idx, "token": r.token, "scene": r.scene, "timestamp_us": r.timestamp_us,
-                "shard": shard, "num_boxes": len(r.boxes), "box_offset": offsets["box"], "num_depth": len(r.depth),
-                "depth_offset": offsets["depth"], "depth_per_camera": list(r.depth_per_camera),
-                "num_fg_cells": len(r.fg_cells), "fg_offset": offsets["fg"], "fg_scale_row": j,
-            })
-            offsets["box"] += len(r.boxes)
-            offsets["depth"] += len(r.depth)
-            offsets["fg"] += len(r.fg_cells)
-        arrays = {}
-        for name in shard_arrays(m.features):  # every ragged array of this storage, as its spec says
-            spec = m.array(name)
-            parts = [np.asarray(getattr(r, name)).reshape(-1, *spec.row_shape) for r in records]
-            arrays[name] = np.concatenate(parts).astype(spec.dtype)
-        for name, data in arrays.items():
-            rows_per_chunk = _ragged_chunk_rows(data.shape[1:], data.dtype)
-            shard_rows = max(rows_per_chunk, -(-len(data) // rows_per_chunk) * rows_per_chunk)
-            # overwrite: this shard is not done, so what is there is a killed writer's partial output (the lease
-            # guarantees no live writer holds it).
-            arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(rows_per_chunk, *data.shape[1:]),
-                                 shards=(shard_rows, *data.shape[1:]), overwrite=True,
-                                 **_array_kwargs(str(data.dtype)))
-            if len(data):
-                arr[...] = data
-        if m.features.mode == "dense":
-            self.group["bev"][expected[0]:expected[-1] + 1] = np.stack([r.bev for r in records])
+        # overwrite: this shard is not done, so what is there is a killed writer's partial output (the lease
+        # guarantees no live writer holds it). One zarr shard file holds the whole array.
+        arr = g.create_array(RECORDS_ARRAY, shape=data.shape, dtype="uint8", chunks=(chunk,),
+                             shards=(max(chunk, -(-len(data) // chunk) * chunk),), overwrite=True, fill_value=0,
+                             compressors=_records_codecs(m.features), config={"write_empty_chunks": True})
+        arr[...] = data
         _write_parquet(f"{self.url}/{shard_index_path(shard)}", rows)
         with self._lock:
             self.group["done"][expected[0]:expected[-1] + 1] = 1
@@ -389,7 +320,8 @@ def _check_output(fs: Any, root: str, url: str) -> None:
 def _resume_mismatches(existing: Manifest, wanted: Manifest) -> list[str]:
     """An existing cache may be resumed only if everything that shapes its content is the same."""
     a, b = existing.to_dict(), wanted.to_dict()
-    keys = ("teacher", "dataset", "grid", "features", "keypoints", "depth", "boxes", "shard_samples")
+    keys = ("teacher", "dataset", "grid", "features", "keypoints", "depth", "boxes", "variants", "shard_samples",
+            "records_chunk_bytes")
     return [f"{k} differs" for k in keys if a[k] != b[k]]
 
 
@@ -397,9 +329,9 @@ class CacheReader:
     """Random access to a finished cache.
 
     The store is opened lazily and again in every process that reads (each DataLoader worker, forked or spawned,
-    opens its own: fork-safe for remote stores). Reads never return fill values for data that is not there: before
-    an array of a shard is first read, the zarr shard files its rows live in are checked to exist, and a sample's
-    rows must lie inside the stored array; otherwise a :class:`CacheError` names the sample and the array.
+    opens its own: fork-safe for remote stores). A sample is one ranged read of its shard's records file, every
+    inner chunk it touches checked by its crc32c (:class:`~tigbev.cache.shard_file.RecordsFile`); a missing or
+    damaged file or chunk is a :class:`CacheError` that names the sample, the array and the record sections hit.
     """
 
     def __init__(self, url: str, *, require_complete: bool = True):
@@ -407,20 +339,24 @@ class CacheReader:
         self.require_complete = require_complete
         self._pid: int | None = None
         self._group: Any = None
-        self._arrays: dict[tuple[int, str], Any] = {}
+        self._files: dict[int, RecordsFile] = {}
         _ = self.manifest  # fail early on a missing or foreign cache
 
     def __getstate__(self) -> dict[str, Any]:  # spawned workers re-open the store themselves
         state = self.__dict__.copy()
-        state.update(_pid=None, _group=None, _arrays={})
+        state.update(_pid=None, _group=None, _files={})
         return state
 
     @property
     def group(self):
         """The zarr group, opened in this process."""
-        if self._pid != os.getpid():
-            self._group, self._arrays, self._pid = self._open_group(), {}, os.getpid()
+        self._in_this_process()
         return self._group
+
+    def _in_this_process(self) -> None:
+        if self._pid != os.getpid():
+            self._files = {}  # a forked child must not share the parent's file offsets or connections
+            self._group, self._pid = self._open_group(), os.getpid()
 
     def _open_group(self):
         import zarr
@@ -475,88 +411,52 @@ class CacheReader:
         if errors:
             raise CacheError(f"cache {self.url} does not match: " + "; ".join(errors))
 
-    def _fault(self, sample_idx: int, name: str, what: str) -> CacheError:
-        token = self.index["token"][sample_idx]
-        return CacheError(f"cache {self.url}: sample {sample_idx} ({token}), array {name}: {what} (`tigbev cache "
-                          "verify` lists every fault)")
-
-    def _array(self, sample_idx: int, shard: int, name: str, rows: range):
-        """The array ``name`` of ``shard``, checked once per process: metadata present, shard files present, and
-        ``rows`` inside it (a missing chunk would otherwise read back as fill values)."""
-        group = self.group
-        key = (shard, name)
-        arr = self._arrays.get(key)
-        if arr is None:
-            path = name if name == "bev" else f"{shard_path(shard)}/{name}"
+    def records_file(self, shard: int) -> RecordsFile:
+        """Shard ``shard``'s records array, opened once per process (raises ShardFileError)."""
+        self._in_this_process()
+        f = self._files.get(shard)
+        if f is None:
+            fs, root = fs_and_path(self.url)
             with remote_errors(self.url):
-                arr = open_array(group, path)
-                if arr is None:
-                    raise self._fault(sample_idx, name, f"array metadata {path}/zarr.json is missing")
-                m = self.manifest
-                stored = range(0, arr.shape[0]) if name != "bev" else m.shard_range(shard)
-                fs, root = fs_and_path(self.url)
-                lost = [k for k in shard_files(arr, stored) if not fs.exists(f"{root.rstrip('/')}/{path}/{k}")]
-            if lost:
-                raise self._fault(sample_idx, name, f"chunk file {path}/{lost[0]} is missing")
-            row_shape, dtype = m.row_spec(name)
-            if tuple(arr.shape[1:]) != row_shape or str(arr.dtype) != dtype:
-                raise self._fault(sample_idx, name, f"stored as {arr.dtype} rows of shape {tuple(arr.shape[1:])}, "
-                                                    f"the manifest says {dtype} rows of shape {row_shape}")
-            self._arrays[key] = arr
-        if rows.stop > arr.shape[0]:
-            raise self._fault(sample_idx, name, f"rows {rows.start}..{rows.stop} lie past the array's end "
-                                                f"({arr.shape[0]} rows stored)")
-        return arr
+                f = RecordsFile(fs, f"{root.rstrip('/')}/{records_key(shard)}", local=not _is_remote(self.url))
+            if len(self._files) >= 64:  # keep a bounded number of open files
+                self._files.pop(next(iter(self._files))).close()
+            self._files[shard] = f
+        return f
 
-    def _read(self, sample_idx: int, shard: int, name: str, start: int, count: int) -> NDArray:
-        rows = range(start, start + count)
-        arr = self._array(sample_idx, shard, name, rows)
-        try:
-            with remote_errors(self.url):
-                data = np.asarray(arr[rows.start:rows.stop])
-        except CacheError:
-            raise
-        except Exception as exc:  # a checksum mismatch is a ValueError, a lost chunk a KeyError/FileNotFoundError
-            raise self._fault(sample_idx, name, f"unreadable ({exc})") from exc
-        if holds_fill(data).any():  # an inner chunk missing from its shard file reads as the fill value
-            raise self._fault(sample_idx, name, "holds the fill value: a chunk is missing")
-        return data
-
-    def read(self, sample_idx: int) -> CachedSample:
-        m = self.manifest
+    def record_row(self, sample_idx: int) -> dict[str, Any]:
         if not 0 <= sample_idx < len(self):
             raise CacheError(f"sample index {sample_idx} out of range for cache {self.url} ({len(self)} samples)")
         row = {k: v[sample_idx] for k, v in self.index.items()}
         if row["sample_idx"] != sample_idx:
             raise CacheError(f"cache {self.url}: index row {sample_idx} holds sample {row['sample_idx']}")
-        shard = row["shard"]
-        boxes = self._read(sample_idx, shard, "boxes", row["box_offset"], row["num_boxes"])
-        keypoints = self._read(sample_idx, shard, "keypoints", row["box_offset"], row["num_boxes"])
-        depth = self._read(sample_idx, shard, "depth", row["depth_offset"], row["num_depth"])
-        if m.features.mode == "dense":
-            feats = self._read(sample_idx, shard, "bev", sample_idx, 1)[0].astype(np.float32)
-            cells = None
-        else:
-            cells = self._read(sample_idx, shard, "fg_cells", row["fg_offset"], row["num_fg_cells"]).astype(np.int64)
-            feats = self._read(sample_idx, shard, "fg_features", row["fg_offset"], row["num_fg_cells"])
-            if m.features.dtype == "int8":
-                scale = self._read(sample_idx, shard, "fg_scale", row["fg_scale_row"], 1)[0]
-                feats = feats.astype(np.float32) * scale[None, :]
-            else:
-                feats = feats.astype(np.float32)
-        return CachedSample(
-            sample_idx=sample_idx, token=row["token"], boxes=boxes[:, :9].copy(),
-            labels=boxes[:, 9].astype(np.int64), keypoints=keypoints, depth=depth,
-            depth_per_camera=list(row["depth_per_camera"]), map_cells=cells, map_features=feats,
-        )
+        return row
+
+    def sections_hit(self, row: dict[str, Any], chunks: Sequence[int]) -> list[str]:
+        """Labels of the record sections of ``row`` that lie in inner chunks ``chunks`` of its shard."""
+        m = self.manifest
+        size = m.records_chunk_bytes
+        spans = [(c * size - row["record_offset"], (c + 1) * size - row["record_offset"]) for c in chunks]
+        return [s.label for s in m.sections(row["num_boxes"], row["num_depth"], row["num_cells"])
+                if s.nbytes and any(s.offset < hi and s.offset + s.nbytes > lo for lo, hi in spans)]
+
+    def read_row(self, row: dict[str, Any]) -> CachedSample:
+        """The sample of index row ``row`` (one ranged read; CacheError naming the sample on any fault)."""
+        i, token = row["sample_idx"], row["token"]
+        try:
+            with remote_errors(self.url):
+                buf = self.records_file(row["shard"]).read(row["record_offset"], row["record_bytes"])
+            return unpack_record(self.manifest, buf, sample_idx=i, token=token, num_boxes=row["num_boxes"],
+                                 num_depth=row["num_depth"], depth_per_camera=row["depth_per_camera"],
+                                 num_cells=row["num_cells"])
+        except ShardFileError as exc:
+            raise SampleFault(self.url, i, token, str(exc), self.sections_hit(row, exc.chunks)) from None
+        except CacheFormatError as exc:
+            raise SampleFault(self.url, i, token, str(exc)) from None
+
+    def read(self, sample_idx: int) -> CachedSample:
+        return self.read_row(self.record_row(sample_idx))
 
     def dense_map(self, sample: CachedSample) -> NDArray[np.float32]:
-        """(C, H, W) teacher map of a sample; in foreground mode zeros where no cell is stored."""
-        if sample.map_cells is None:
-            return sample.map_features
-        nx, ny = self.manifest.grid.nx, self.manifest.grid.ny
-        c = self.manifest.features.channels
-        out = np.zeros((c, ny * nx), dtype=np.float32)
-        out[:, sample.map_cells] = sample.map_features.T
-        return out.reshape(c, ny, nx)
-
+        """(C, H, W) canonical teacher map of a sample; in foreground mode zeros where no cell is stored."""
+        return dense_map(sample.map_cells, sample.map_features, self.manifest.grid)

@@ -9,22 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from tigbev.cache.schema import (
-    RAGGED_ARRAYS,
-    shard_arrays,
-    shard_index_path,
-    shard_path,
-    tokens_sha256,
-)
-from tigbev.cache.store import (
-    CacheError,
-    CacheReader,
-    fs_and_path,
-    holds_fill,
-    open_array,
-    read_parquet_rows,
-    shard_files,
-)
+from tigbev.cache.schema import RECORDS_ARRAY, shard_index_path, tokens_sha256
+from tigbev.cache.shard_file import ShardFileError
+from tigbev.cache.store import CacheError, CacheReader, SampleFault, fs_and_path, read_parquet_rows, records_key
 
 __all__ = ["Fault", "cache_info", "dump_sample", "keypoint_features", "verify_cache"]
 
@@ -44,44 +31,37 @@ class Fault:
 
 
 def _stored_bytes(url: str) -> dict[str, int]:
-    """Bytes on storage per array name (summed over shards)."""
+    """Bytes on storage: the records arrays' shard files and metadata, the done flags, everything else."""
     fs, root = fs_and_path(url)
-    sizes: dict[str, int] = {}
+    sizes = {RECORDS_ARRAY: 0, "done": 0, "metadata": 0}
     for path, size in fs.du(root, total=False, withdirs=False).items():
-        rel = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/")) else path
-        parts = rel.split("/")
-        if parts[0] == "shards" and len(parts) > 3:  # shards/<k>/<array>/<chunk or zarr.json>
-            name = parts[2]
-        elif parts[0] in ("bev", "done") and len(parts) > 1:
-            name = parts[0]
-        else:
-            name = "metadata"
-        sizes[name] = sizes.get(name, 0) + int(size)
+        parts = (path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/")) else path).split("/")
+        name = RECORDS_ARRAY if parts[0] == "shards" and len(parts) > 3 and parts[-1] != "zarr.json" else \
+            "done" if parts[0] == "done" and parts[-1] != "zarr.json" else "metadata"
+        sizes[name] += int(size)
     return sizes
 
 
 def cache_info(url: str) -> dict[str, Any]:
-    """Summary of a cache: samples, completeness, bytes per sample per array, compression ratio, teacher, grid."""
+    """Summary of a cache: samples, completeness, bytes per sample (stored, and raw per record section),
+    compression ratio, teacher, grid, variants, the extractions writing it now."""
     reader = CacheReader(url, require_complete=False)
     m = reader.manifest
-    group = reader.group
-    done = np.asarray(group["done"][:]).astype(bool)
+    done = np.asarray(reader.group["done"][:]).astype(bool)
     stored = _stored_bytes(reader.url)
-    # Members are opened by name, never listed: the cache folder also holds Parquet files zarr does not know.
-    raw: dict[str, int] = {"done": int(group["done"].nbytes)}
-    if m.features.mode == "dense":
-        raw["bev"] = int(group["bev"].nbytes * done.sum() / max(len(done), 1))
+    section_bytes: dict[str, int] = {}
+    n_rows = 0
     for shard in range(m.num_shards):
-        if not done[m.shard_range(shard).start:m.shard_range(shard).stop].all():
+        r = m.shard_range(shard)
+        if not done[r.start:r.stop].all():
             continue
-        for name in RAGGED_ARRAYS:
-            arr = open_array(group, f"{shard_path(shard)}/{name}")
-            if arr is not None:
-                raw[name] = raw.get(name, 0) + int(arr.nbytes)
-    n_done = max(int(done.sum()), 1)
-    data_arrays = [k for k in stored if k not in ("metadata", "done")]
-    total_stored = sum(stored[k] for k in data_arrays)
-    total_raw = sum(raw.get(k, 0) for k in data_arrays)
+        rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
+        for j in range(len(rows["sample_idx"])):
+            for sec in m.sections(rows["num_boxes"][j], rows["num_depth"][j], rows["num_cells"][j]):
+                section_bytes[sec.spec.name] = section_bytes.get(sec.spec.name, 0) + sec.nbytes
+            n_rows += 1
+    n = max(n_rows, 1)
+    raw_total = sum(section_bytes.values())
     return {
         "url": reader.url,
         "samples": m.dataset.num_samples,
@@ -90,11 +70,12 @@ def cache_info(url: str) -> dict[str, Any]:
         "split": m.dataset.split,
         "version": m.dataset.version,
         "features": {"mode": m.features.mode, "dtype": m.features.dtype, "channels": m.features.channels},
+        "variants": {"kind": m.variants.kind, "count": m.variants.count},
         "grid": m.grid.to_dict(),
         "teacher_sha256": m.teacher.checkpoint_sha256,
-        "bytes_per_sample": {k: stored[k] / n_done for k in sorted(data_arrays)},
-        "bytes_per_sample_total": total_stored / n_done,
-        "compression_ratio": total_raw / total_stored if total_stored else float("nan"),
+        "bytes_per_sample": {k: v / n for k, v in sorted(section_bytes.items())},
+        "bytes_per_sample_total": stored[RECORDS_ARRAY] / n,
+        "compression_ratio": raw_total / stored[RECORDS_ARRAY] if stored[RECORDS_ARRAY] else float("nan"),
         "format_version": m.format_version,
         "writers": live_writers(reader.url),
     }
@@ -112,47 +93,31 @@ def live_writers(url: str) -> list[str]:
 
 
 def verify_cache(url: str) -> list[Fault]:
-    """Prove a cache complete and intact: for every array of every sample the index lists, the array's metadata
-    exists, its rows have the manifest's shape and dtype, the array holds exactly the rows the index says, every
-    zarr shard file those rows live in exists, every chunk reads with a valid checksum, and no stored value is the
-    fill value (which no written sample holds: it would mean a lost chunk). Then the index against the manifest."""
+    """Prove a cache complete and intact: the done flags; for every finished shard its index, its records array's
+    metadata, shard file and shard index (checksummed), and every sample's record: its byte range inside the
+    array, every inner chunk present and passing its crc32c, its sections of the layout the index says, its
+    depth rows adding up per camera. Then the consolidated index against the manifest. One fault per sample."""
     faults: list[Fault] = []
     try:
         reader = CacheReader(url, require_complete=False)
         m = reader.manifest
-        group = reader.group
-        fs, root = fs_and_path(reader.url)
+        done_arr = reader.group["done"]
+        done = np.asarray(done_arr[:]).astype(bool)
     except CacheError as exc:
         return [Fault(-1, "", "manifest", str(exc))]
-    root = root.rstrip("/")
-
-    def lost_files(arr, path: str, rows: range) -> list[str]:
-        return [k for k in shard_files(arr, rows) if not fs.exists(f"{root}/{path}/{k}")]
-
-    done_arr = open_array(group, "done")
-    if done_arr is None:
-        return [Fault(-1, "", "done", "array metadata done/zarr.json is missing")]
+    except Exception as exc:  # noqa: BLE001 - a lost or damaged flags array is a fault to report
+        return [Fault(-1, "", "done", f"unreadable: {_short(exc)}")]
     n = m.dataset.num_samples
-    lost = lost_files(done_arr, "done", range(n))
-    if lost:
-        faults.append(Fault(-1, "", "done", f"chunk file(s) {', '.join('done/' + k for k in lost)} missing: those "
-                                            "shards read as not written"))
-    try:
-        done = np.asarray(done_arr[:]).astype(bool)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is a fault to report, not to raise
-        return [*faults, Fault(-1, "", "done", f"unreadable: {_short(exc)}")]
+    fs, root = fs_and_path(reader.url)
+    lost_flags = [k for k in range(m.num_shards) if not fs.exists(f"{root.rstrip('/')}/done/c/{k}")]
+    if lost_flags:
+        faults.append(Fault(-1, "", "done", f"chunk file(s) {', '.join(f'done/c/{k}' for k in lost_flags)} missing: "
+                                            "those shards read as not written"))
     if not m.complete:
         faults.append(Fault(-1, "", "manifest", f"incomplete: {int(done.sum())} of {n} done"))
     elif not done.all():
         faults.append(Fault(-1, "", "manifest", f"marked complete, but only {int(done.sum())} of {n} samples are "
                                                 "done"))
-    bev = None
-    if m.features.mode == "dense":
-        bev = open_array(group, "bev")
-        if bev is None:
-            faults.append(Fault(-1, "", "bev", "array metadata bev/zarr.json is missing"))
-        else:
-            faults += _layout_faults(m, "bev", bev, -1, "")
     for shard in range(m.num_shards):
         r = m.shard_range(shard)
         if not done[r.start:r.stop].all():
@@ -166,20 +131,18 @@ def verify_cache(url: str) -> list[Fault]:
         if rows["sample_idx"] != list(r):
             faults += [Fault(i, "", "index", "shard index lists other samples") for i in r]
             continue
-        for name in shard_arrays(m.features):
-            faults += _shard_array_faults(m, group, shard, name, rows, r, lost_files)
-        if bev is not None:
-            lost = lost_files(bev, "bev", r)
-            for i in r:
-                token = rows["token"][i - r.start]
-                if lost:
-                    faults.append(Fault(i, token, "bev", f"chunk file bev/{lost[0]} is missing"))
-                    continue
-                try:
-                    if holds_fill(np.asarray(bev[i])).any():
-                        faults.append(Fault(i, token, "bev", "holds fill values: a chunk is missing"))
-                except Exception as exc:  # noqa: BLE001 - reported as a fault
-                    faults.append(Fault(i, token, "bev", f"unreadable: {_short(exc)}"))
+        shard_rows = [{k: v[j] for k, v in rows.items()} for j in range(len(r))]
+        try:
+            records = reader.records_file(shard)
+        except ShardFileError as exc:
+            faults += [Fault(row["sample_idx"], row["token"], RECORDS_ARRAY, str(exc)) for row in shard_rows]
+            continue
+        end = shard_rows[-1]["record_offset"] + shard_rows[-1]["record_bytes"]
+        if records.nbytes != end:
+            faults.append(Fault(r.start, shard_rows[0]["token"], RECORDS_ARRAY,
+                                f"{records_key(shard)} stores {records.nbytes} bytes, the shard index lists {end}"))
+        for row in shard_rows:
+            faults += _record_faults(reader, row)
     if m.complete:
         try:
             index = read_parquet_rows(f"{reader.url}/index.parquet")
@@ -192,68 +155,18 @@ def verify_cache(url: str) -> list[Fault]:
     return faults
 
 
-def _layout_faults(m, name: str, arr, sample_idx: int, token: str) -> list[Fault]:
-    row_shape, dtype = m.row_spec(name)
-    if tuple(arr.shape[1:]) != row_shape or str(arr.dtype) != dtype:
-        return [Fault(sample_idx, token, name, f"stored as {arr.dtype} rows of shape {tuple(arr.shape[1:])}, the "
-                                               f"manifest says {dtype} rows of shape {row_shape}")]
-    return []
-
-
-def _shard_array_faults(m, group, shard: int, name: str, rows: dict[str, list[Any]], r: range,
-                        lost_files) -> list[Fault]:
-    """Every fault of one ragged array of one finished shard, named by sample."""
-    path = f"{shard_path(shard)}/{name}"
-    spans = [(i, rows["token"][j], *_rows_of(name, rows, j)) for j, i in enumerate(r)]
-    expected = max((start + count for _, _, start, count in spans), default=0)
-    arr = open_array(group, path)
-    if arr is None:
-        return [Fault(i, t, name, f"array metadata {path}/zarr.json is missing") for i, t, _, _ in spans]
-    layout = _layout_faults(m, name, arr, spans[0][0], spans[0][1])
-    if layout:
-        return layout
-    faults = []
-    if arr.shape[0] != expected:
-        faults.append(Fault(spans[0][0], spans[0][1], name, f"{path} stores {arr.shape[0]} rows, the shard index "
-                                                            f"lists {expected}"))
-    lost = set(lost_files(arr, path, range(expected)))
-    per_file = (arr.shards or arr.chunks)[0]
+def _record_faults(reader: CacheReader, row: dict[str, Any]) -> list[Fault]:
+    """The fault of one sample's record, if any (as the reader words it, less the cache prefix)."""
+    i, token = row["sample_idx"], row["token"]
     try:
-        data = np.asarray(arr[...]) if not lost else None
-    except Exception:  # noqa: BLE001 - find which samples are hit, below
-        data = None
-    for i, token, start, count in spans:
-        if count == 0:
-            continue
-        if start + count > arr.shape[0]:
-            faults.append(Fault(i, token, name, f"rows {start}..{start + count} lie past the array's end "
-                                                f"({arr.shape[0]} rows stored)"))
-            continue
-        files = shard_files(arr, range(start, start + count))
-        if lost & set(files):
-            faults.append(Fault(i, token, name, f"chunk file {path}/{sorted(lost & set(files))[0]} is missing "
-                                                f"(rows {start}..{start + count}, {per_file} rows per file)"))
-            continue
-        try:
-            part = data[start:start + count] if data is not None else np.asarray(arr[start:start + count])
-        except Exception as exc:  # noqa: BLE001 - reported as a fault
-            faults.append(Fault(i, token, name, f"unreadable: {_short(exc)}"))
-            continue
-        hit = holds_fill(part)
-        if hit.any():
-            faults.append(Fault(i, token, name, f"{int(hit.reshape(len(part), -1).any(axis=1).sum())} of {count} rows "
-                                                "hold the fill value: a chunk is missing"))
-    return faults
-
-
-def _rows_of(name: str, rows: dict[str, list[Any]], j: int) -> tuple[int, int]:
-    if name in ("boxes", "keypoints"):
-        return rows["box_offset"][j], rows["num_boxes"][j]
-    if name == "depth":
-        return rows["depth_offset"][j], rows["num_depth"][j]
-    if name == "fg_scale":
-        return rows["fg_scale_row"][j], 1
-    return rows["fg_offset"][j], rows["num_fg_cells"][j]
+        sample = reader.read_row(row)
+    except SampleFault as exc:
+        hit = f"sections {', '.join(exc.sections)}: " if exc.sections else ""
+        return [Fault(i, token, RECORDS_ARRAY, hit + exc.what)]
+    if sum(row["depth_per_camera"]) != len(sample.depth) or \
+            (len(sample.depth) and not (np.diff(sample.depth[:, 4]) >= 0).all()):
+        return [Fault(i, token, RECORDS_ARRAY, "section depth: rows do not match the per-camera counts")]
+    return []
 
 
 def _short(exc: Exception) -> str:

@@ -201,10 +201,10 @@ class CameraDetectionDataset(Dataset):
         )
         kp = None  # (M, K, 2) keypoints in the un-augmented frame: the cache's, or laid here for the online teacher
         if cached is not None:
-            kp = cached.keypoints
+            kp = cached.keypoints  # derived from the cached boxes, as extraction laid them
             sample.map_cells = None if cached.map_cells is None else torch.from_numpy(cached.map_cells)
-            # fp16 as stored (exact for fp16 caches; int8 caches dequantise well within fp16's precision).
-            sample.map_features = torch.from_numpy(cached.map_features.astype(np.float16))
+            # Restored from the per-channel scale straight to fp16 (well within fp16's precision for both dtypes).
+            sample.map_features = torch.from_numpy(cached.maps[0].features(np.float16))
         elif self.online_keypoints is not None:
             grid_size, enlarge_m = self.online_keypoints
             kp = box_keypoints_xy(np.asarray(boxes, np.float64).reshape(-1, 9), enlarge_m=enlarge_m,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tigbev.cache.record import MapVariant, SampleRecord, box_keypoints, foreground_cells, quantise
 from tigbev.cache.schema import (
     CONFIG_DIR,
     FORMAT_VERSION,
@@ -31,24 +32,25 @@ from tigbev.cache.schema import (
     KeypointSpec,
     Manifest,
     TeacherFingerprint,
+    VariantSpec,
 )
 from tigbev.cache.store import (
-    CODECS_DESCRIPTION,
+    RECORDS_CHUNK_BYTES,
     CacheError,
     CacheWriter,
-    SampleRecord,
+    codecs_description,
     write_json_file,
 )
 from tigbev.config import ExtractTeacherConfig
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.targets import depth_points, training_boxes
-from tigbev.geometry import BevGrid, box_keypoints_xy
+from tigbev.geometry import BevGrid
 from tigbev.models.teacher.checkpoint import load_teacher
 from tigbev.models.teacher.frozen import FrozenTeacher
 from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import file_sha256, provenance
 
-__all__ = ["ExtractResult", "foreground_cells", "run"]
+__all__ = ["ExtractResult", "build_manifest", "run"]
 
 BOX_FILTER = "detection classes with at least one LiDAR point and the centre inside the teacher's point range"
 
@@ -72,8 +74,7 @@ class _Item:
     scene: str
     timestamp_us: int
     points: torch.Tensor
-    boxes: np.ndarray  # (M, 10)
-    keypoints: np.ndarray  # (M, K, 2)
+    boxes: np.ndarray  # (M, 10) float32, as stored
     depth: np.ndarray  # (P, 5)
     depth_per_camera: list[int]
 
@@ -89,7 +90,6 @@ class _ExtractDataset(Dataset):
     def __getitem__(self, i: int) -> _Item:
         frame = self.reader.load_sample(self.tokens[i])
         boxes, labels = training_boxes(frame, self.point_range_m)
-        keypoints = box_keypoints_xy(boxes, enlarge_m=self.cfg.keypoint_enlarge_m, grid_size=self.cfg.keypoint_grid)
         # Every camera's LiDAR depth, in the cache's row layout (shared with the camera dataset's no-cache path).
         depth = depth_points(frame, boxes, min_depth_m=self.cfg.min_depth_m)
         counts = np.bincount(depth[:, 4].astype(np.int64), minlength=len(CAMERA_CHANNELS)).tolist()
@@ -97,7 +97,7 @@ class _ExtractDataset(Dataset):
             sample_idx=i, token=frame.token, scene=frame.scene_name, timestamp_us=frame.timestamp_us,
             points=torch.from_numpy(frame.lidar.points),
             boxes=np.concatenate([boxes, labels[:, None]], axis=1).astype(np.float32),
-            keypoints=keypoints.astype(np.float32), depth=depth, depth_per_camera=counts,
+            depth=depth, depth_per_camera=counts,
         )
 
 
@@ -112,39 +112,6 @@ class _ShardBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-def foreground_cells(keypoints_xy: np.ndarray, grid: BevGrid, margin_cells: int) -> np.ndarray:
-    """Flat indices (iy * W + ix) of every cell bilinear sampling at the keypoints reads, dilated by a margin."""
-    h, w = grid.shape_hw
-    mask = np.zeros((h, w), dtype=bool)
-    xy = keypoints_xy.reshape(-1, 2)
-    if len(xy):
-        # align_corners=False: cell centres sit at (i + 0.5) cells; bilinear reads floor and floor + 1 of c - 0.5.
-        cx = (xy[:, 0] - grid.x_min_m) / grid.cell_m - 0.5
-        cy = (xy[:, 1] - grid.y_min_m) / grid.cell_m - 0.5
-        x0, y0 = np.floor(cx).astype(np.int64), np.floor(cy).astype(np.int64)
-        for dx in (0, 1):
-            for dy in (0, 1):
-                ix, iy = x0 + dx, y0 + dy
-                ok = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-                mask[iy[ok], ix[ok]] = True
-    for _ in range(margin_cells):  # 4-neighbour dilation
-        grown = mask.copy()
-        grown[1:] |= mask[:-1]
-        grown[:-1] |= mask[1:]
-        grown[:, 1:] |= mask[:, :-1]
-        grown[:, :-1] |= mask[:, 1:]
-        mask = grown
-    return np.flatnonzero(mask.reshape(-1)).astype(np.int32)
-
-
-def _quantize_int8(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8: (F, C) -> (int8 (F, C), scale (C,)); value ~ q * scale."""
-    peak = np.abs(feats).max(axis=0) if len(feats) else np.zeros(feats.shape[1], np.float32)
-    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(feats / scale), -127, 127).astype(np.int8)
-    return q, scale
 
 
 def _collate(items: list[_Item]) -> list[_Item]:
@@ -165,13 +132,15 @@ def build_manifest(cfg: ExtractTeacherConfig, *, teacher_sha: str, teacher_confi
         teacher=TeacherFingerprint(checkpoint_sha256=teacher_sha, config=teacher_config),
         dataset=dataset,
         grid=grid,
-        features=FeatureStorage(mode=cfg.features, dtype=cfg.feature_dtype, channels=channels),
+        features=(features := FeatureStorage(mode=cfg.features, dtype=cfg.feature_dtype, channels=channels)),
         keypoints=KeypointSpec(enlarge_m=cfg.keypoint_enlarge_m, grid_size=cfg.keypoint_grid),
         depth=DepthSpec(cameras=tuple(CAMERA_CHANNELS), min_depth_m=cfg.min_depth_m, source="key sweep",
                         pixels="original image, pixel centres at integer coordinates"),
         boxes=BoxSpec(filter=BOX_FILTER, frame="un-augmented key lidar frame"),
+        variants=VariantSpec(),
         shard_samples=cfg.shard_samples,
-        codecs=dict(CODECS_DESCRIPTION),
+        records_chunk_bytes=RECORDS_CHUNK_BYTES,
+        codecs=codecs_description(features),
         provenance=provenance(dataroot=str(cfg.dataroot), teacher_checkpoint=str(cfg.teacher_checkpoint)),
     )
 
@@ -245,7 +214,7 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
                 points = [it.points.to(device) for it in items]
                 bev = teacher.bev_map(points).float().cpu().numpy()  # (B, C, H, W)
                 for it, fmap in zip(items, bev):
-                    record = _record(it, fmap, grid, cfg, manifest.features.margin_cells)
+                    record = _record(it, fmap, manifest)
                     shard = manifest.shard_of(it.sample_idx)
                     pending.setdefault(shard, []).append(record)
                     if len(pending[shard]) == len(manifest.shard_range(shard)):
@@ -264,24 +233,18 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
                              complete=complete, loop_seconds=end - loop_start)
 
 
-def _record(it: _Item, fmap: np.ndarray, grid: BevGrid, cfg: ExtractTeacherConfig, margin: int) -> SampleRecord:
+def _record(it: _Item, fmap: np.ndarray, manifest: Manifest) -> SampleRecord:
+    """One sample's record: its boxes and depth rows, and the canonical teacher map (the stored cells in foreground
+    mode), quantised with a per-channel scale."""
     if not np.isfinite(fmap).all():
         raise CacheError(f"the teacher's BEV map of sample {it.sample_idx} ({it.token}) is not finite; nothing of its "
                          "shard is written (is the teacher checkpoint sound?)")
-    c = fmap.shape[0]
-    fg_cells = np.zeros(0, np.int32)
-    fg_features: np.ndarray = np.zeros((0, c), np.float16)
-    fg_scale = None
-    bev = None
-    if cfg.features == "dense":
-        bev = fmap.astype(np.float16)
+    f = manifest.features
+    if f.mode == "dense":
+        cells, stored, scale = None, *quantise(fmap, f.dtype, channel_axis=0)
     else:
-        fg_cells = foreground_cells(it.keypoints, grid, margin)
-        feats = fmap.reshape(c, -1)[:, fg_cells].T  # (F, C)
-        if cfg.feature_dtype == "int8":
-            fg_features, fg_scale = _quantize_int8(feats)
-        else:
-            fg_features = feats.astype(np.float16)
+        cells = foreground_cells(box_keypoints(it.boxes, manifest.keypoints), manifest.grid, f.margin_cells)
+        stored, scale = quantise(fmap.reshape(fmap.shape[0], -1)[:, cells].T, f.dtype, channel_axis=1)
+    canonical = MapVariant(aug_from_lidar=np.eye(4, dtype=np.float32), cells=cells, features=stored, scale=scale)
     return SampleRecord(sample_idx=it.sample_idx, token=it.token, scene=it.scene, timestamp_us=it.timestamp_us,
-                        boxes=it.boxes, keypoints=it.keypoints, depth=it.depth, depth_per_camera=it.depth_per_camera,
-                        fg_cells=fg_cells, fg_features=fg_features, fg_scale=fg_scale, bev=bev)
+                        boxes=it.boxes, depth=it.depth, depth_per_camera=it.depth_per_camera, variants=(canonical,))
