@@ -55,8 +55,11 @@ def test_tiny_bench_writes_json_table_and_plot(synth_root: Path, demo_teacher_ck
         assert fid["samples"] >= 1 and math.isfinite(fid["max_loss_rel_error"]) and fid["max_loss_rel_error"] >= 0
     # float16 cells are the teacher's values rounded once; int8 is coarser still, but both stay close.
     assert report["storage"]["foreground-float16"]["fidelity"]["max_loss_rel_error"] < 0.01
-    assert report["storage"]["dense-float16"]["bytes_per_sample"]["bev"] > 0
-    assert "bev" not in report["storage"]["foreground-int8"]["bytes_per_sample"]
+    # Dense records hold the whole map (no cells); foreground ones its cells; neither stores keypoints.
+    dense, fg = report["storage"]["dense-float16"]["bytes_per_sample"], report["storage"]["foreground-int8"][
+        "bytes_per_sample"]
+    assert "cells" not in dense and fg["cells"] > 0 and dense["features"] > fg["features"]
+    assert "keypoints" not in dense and "keypoints" not in fg
 
     g = report["growth"]
     assert g["factors"] == [1, 2] and g["samples"] == [1, 2]
