@@ -13,7 +13,9 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
+from tigbev.bench.config import BenchConfig as _BenchConfig
 from tigbev.config import (
+    EvaluateConfig,
     ExtractTeacherConfig,
     LossWeights,
     PretrainBackboneConfig,
@@ -21,6 +23,8 @@ from tigbev.config import (
     TrainStudentConfig,
 )
 from tigbev.errors import TigbevError
+from tigbev.pipeline.ablate import AblateConfig as _AblateConfig
+from tigbev.pipeline.demo import DemoConfig as _DemoConfig
 
 app = typer.Typer(
     name="tigbev",
@@ -373,17 +377,19 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Output directory for metrics, plots and the result JSON.")]
     = Path("eval"),
     gt_as_predictions: Annotated[bool, typer.Option(help="Score the ground truth itself (no checkpoint).")] = False,
-    batch_size: Annotated[int, typer.Option(min=1)] = 2,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help=f"Samples per forward (default {_default(EvaluateConfig, 'batch_size')}).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help=f"'auto', 'cpu' or 'cuda[:N]' (default {_default(EvaluateConfig, 'device')}).")] = None,
 ) -> None:
     """Official nuScenes detection metrics (DetectionEval, detection_cvpr_2019) with plots and a Markdown table."""
     from tigbev.stages import evaluate as stage
 
     if checkpoint is not None and not checkpoint.is_file():
         raise _fail(TigbevError(f"checkpoint not found: {checkpoint}"))
-    result = stage.run(stage.EvaluateConfig(checkpoint=checkpoint, dataroot=dataroot, split=split, out_dir=out,
-                                            gt_as_predictions=gt_as_predictions, batch_size=batch_size,
-                                            device=device))
+    result = stage.run(EvaluateConfig(checkpoint=checkpoint, dataroot=dataroot, split=split, out_dir=out,
+                                      gt_as_predictions=gt_as_predictions,
+                                      **_given(batch_size=batch_size, device=device)))
     m = result.metrics
     typer.echo((out / "metrics.md").read_text())
     typer.echo(f"{split}: mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}  ({result.seconds:.0f} s) -> {out}")
@@ -393,18 +399,20 @@ def evaluate(
 @_guarded
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for every stage's output (reused when rerun).")] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option()] = 0,
-    teacher_epochs: Annotated[int, typer.Option(min=1)] = 12,
-    student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: 6 (300 steps).")] = None,
-    workers: Annotated[int, typer.Option(min=0)] = 1,
+    seed: Annotated[int | None, typer.Option(help=f"(default {_default(_DemoConfig, 'seed')})")] = None,
+    teacher_epochs: Annotated[int | None, typer.Option(
+        min=1, help=f"(default {_default(_DemoConfig, 'teacher_epochs')})")] = None,
+    student_epochs: Annotated[int | None, typer.Option(
+        min=1, help=f"(default {_default(_DemoConfig, 'student_epochs')}, 300 steps)")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help=f"(default {_default(_DemoConfig, 'workers')})")]
+    = None,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every stage.")] = False,
 ) -> None:
     """synth -> train-teacher -> extract-teacher -> train-student (baseline, TiG) -> evaluate: the whole chain."""
-    from tigbev.pipeline.demo import DemoConfig, run, summary_table
+    from tigbev.pipeline.demo import run, summary_table
 
-    summary = run(DemoConfig(out_dir=out, seed=seed, teacher_epochs=teacher_epochs,
-                             student_epochs=student_epochs or DemoConfig.student_epochs, workers=workers,
-                             tiny=tiny))
+    summary = run(_DemoConfig(out_dir=out, tiny=tiny, **_given(seed=seed, teacher_epochs=teacher_epochs,
+                                                               student_epochs=student_epochs, workers=workers)))
     typer.echo(summary_table(summary))
     typer.echo(f"summary: {out / 'summary.json'}")
 
@@ -412,28 +420,32 @@ def demo(
 @app.command("ablate")
 @_guarded
 def ablate(
-    preset: Annotated[str, typer.Option(help="World and budget: 'demo' (tigbev demo's world) or 'study' (1000 train "
-                                             "/ 200 val samples, pretrained backbone).")] = "demo",
+    preset: Annotated[str | None, typer.Option(help="World and budget: 'demo' (tigbev demo's world) or 'study' (1000 "
+                                                    "train / 200 val samples, pretrained backbone) (default "
+                                                    f"{_default(_AblateConfig, 'preset')}).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the world and every row (shared with `tigbev demo`).")]
     = Path("runs/ablate"),
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; the table shows their mean.")] = "0,1",
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds; the table shows their mean (default "
+                                                   + ",".join(map(str, _default(_AblateConfig, "seeds")))
+                                                   + ").")] = None,
     rows: Annotated[str | None, typer.Option(help="Comma-separated row keys (default: all).")] = None,
     teacher_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the preset's.")] = None,
     student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the preset's.")] = None,
-    workers: Annotated[int, typer.Option(min=0)] = 1,
+    workers: Annotated[int | None, typer.Option(min=0, help=f"(default {_default(_AblateConfig, 'workers')})")]
+    = None,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every row.")] = False,
 ) -> None:
     """The paper's ablation in miniature: each loss component added in turn, same seeds and budget, evaluated."""
-    from tigbev.pipeline.ablate import AblateConfig, ablation_table, run
+    from tigbev.pipeline.ablate import ablation_table, run
 
-    if preset not in ("demo", "study"):
+    if preset is not None and preset not in ("demo", "study"):
         raise _fail(ValueError(
             f"--preset {preset!r}: the ablation runs on synthetic worlds only ('demo' or 'study'); on real data "
             "train one `tigbev train-student` per row with the --w-* weights and score each with `tigbev evaluate`"))
-    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-    kwargs: dict = {} if rows is None else {"rows": tuple(r.strip() for r in rows.split(",") if r.strip())}
-    result = run(AblateConfig(out_dir=out, preset=preset, seeds=seed_list, teacher_epochs=teacher_epochs,
-                              student_epochs=student_epochs, workers=workers, tiny=tiny, **kwargs))
+    given = _given(preset=preset, teacher_epochs=teacher_epochs, student_epochs=student_epochs, workers=workers,
+                   seeds=None if seeds is None else tuple(int(s) for s in seeds.split(",") if s.strip()),
+                   rows=None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()))
+    result = run(_AblateConfig(out_dir=out, tiny=tiny, **given))
     typer.echo(ablation_table(result))
     typer.echo(f"table: {out / 'ablation.md'}, chart: {out / 'ablation.png'}")
 
@@ -450,20 +462,22 @@ def bench(
     teacher_checkpoint: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                             help="Teacher last.pt (default: seeded random weights).")]
     = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats of every timed comparison.")] = 3,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Interleaved repeats of every timed comparison "
+                                                           f"(default {_default(_BenchConfig, 'repeats')}).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Timed steps per mode and repeat.")] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="Samples of the 1x size (tokens repeat if needed).")]
     = None,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str | None, typer.Option(
+        help=f"'auto', 'cpu' or 'cuda[:N]' (default {_default(_BenchConfig, 'device')}).")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"(default {_default(_BenchConfig, 'seed')})")] = None,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration (tests).")] = False,
 ) -> None:
     """Cost of distillation with and without the cache: steps, loader, extraction, storage, growth; side by side."""
-    from tigbev.bench import BenchConfig, run
+    from tigbev.bench import run
 
-    result = run(BenchConfig(preset=preset, out_dir=out, dataroot=dataroot, split=split,  # type: ignore[arg-type]
-                             teacher_checkpoint=teacher_checkpoint, repeats=repeats, steps=steps,
-                             samples=samples, device=device, seed=seed, tiny=tiny))
+    result = run(_BenchConfig(preset=preset, out_dir=out, tiny=tiny,  # type: ignore[arg-type]
+                              **_given(dataroot=dataroot, split=split, teacher_checkpoint=teacher_checkpoint,
+                                       repeats=repeats, steps=steps, samples=samples, device=device, seed=seed)))
     typer.echo(result.markdown_path.read_text())
     typer.echo(f"wrote {result.json_path}, {result.markdown_path}, {result.plot_path}")
 

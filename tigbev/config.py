@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from tigbev.geometry.keypoints import KEYPOINT_ENLARGE_M, KEYPOINT_GRID
 
-__all__ = ["ExtractTeacherConfig", "LossWeights", "Preset", "PretrainBackboneConfig", "SelfAssessmentConfig",
+__all__ = ["EvaluateConfig", "ExtractTeacherConfig", "LossWeights", "Preset", "PretrainBackboneConfig", "SelfAssessmentConfig",
            "SynthConfig", "TrainStudentConfig",
            "TrainTeacherConfig", "train_teacher_defaults"]
 
@@ -351,3 +351,21 @@ class TrainStudentConfig(_TrainLoopConfig):
                  "teacher='online' needs --teacher-checkpoint")
         _require(self.keypoint_grid >= 2, name, "keypoint_grid", f"must be >= 2, got {self.keypoint_grid}")
         _require(self.warmup_steps >= 0, name, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    checkpoint: Path | None
+    """A tigbev teacher or student checkpoint; None with gt_as_predictions."""
+    dataroot: Path
+    split: str
+    out_dir: Path
+    gt_as_predictions: bool = False
+    batch_size: int = 2
+    device: str = "auto"
+    bev_samples: int = 3
+    """How many samples get a top-view picture of predictions against the ground truth."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None and not self.gt_as_predictions:
+            raise ValueError("EvaluateConfig.checkpoint: needed unless gt_as_predictions is set")

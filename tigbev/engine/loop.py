@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
 
-__all__ = ["RunStart", "StepPlan", "adamw_one_cycle", "backward_step", "begin_run", "plan_steps", "restore",
-           "save_training_state", "start_run_dir"]
+__all__ = ["RunStart", "StepLog", "StepPlan", "adamw_one_cycle", "backward_step", "begin_run", "plan_steps",
+           "restore", "run_epochs", "save_training_state", "start_run_dir"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,45 @@ def save_training_state(path: Path, model: nn.Module, *, epoch: int, step: int, 
     require_finite(state, step=step, lr=lr, path=path)
     return save_atomic(path, {**fields, "model": state, "epoch": epoch, "step": step,
                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """What one optimiser step reports: its named (weighted) losses with ``total``, optionally the same terms
+    before their weights, and other per-step numbers (``step_s``)."""
+
+    losses: dict[str, float]
+    unweighted: dict[str, float] | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def run_epochs(*, what: str, epochs: int, epoch0: int, step: int, plan: StepPlan,
+               loader_for: Callable[[int], Iterable[Any]], body: Callable[[Any, int], StepLog], scheduler: Any,
+               log: Any, save: Callable[[int, int], None], progress: bool = True) -> tuple[int, StepLog | None]:
+    """The epoch loop of every training stage: for each epoch from ``epoch0``, the batches of ``loader_for(epoch)``
+    through ``body(batch, step)`` (forward, losses, :func:`backward_step`), then the schedule's step, a progress bar
+    with the loss and learning rate, and the training log; at ``plan.total_steps`` it stops. After each epoch, the
+    log's epoch line and ``save(epochs_done, step)``: an epoch cut short by ``max_steps`` is not counted as done,
+    so a resumed run redoes it from its start (its steps keep counting). Returns the last step and its log."""
+    from tqdm import tqdm
+
+    last: StepLog | None = None
+    for epoch in range(epoch0, epochs):
+        if step >= plan.total_steps:
+            break
+        bar = tqdm(loader_for(epoch), desc=f"{what} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
+        finished = True
+        for batch in bar:
+            last = body(batch, step)
+            scheduler.step()
+            step += 1
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{last.losses['total']:.3f}", lr=f"{lr:.1e}")
+            log.step(step, epoch, last.losses, last=step == plan.total_steps, lr=lr, unweighted=last.unweighted,
+                     **last.extra)
+            if step >= plan.total_steps:
+                finished = step % plan.steps_per_epoch == 0
+                break
+        log.end_epoch(epoch, step)
+        save(epoch + 1 if finished else epoch, step)
+    return step, last

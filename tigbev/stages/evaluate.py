@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tigbev.checkpoint_file import load_weights_only
+from tigbev.config import EvaluateConfig
 from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.data.results import gt_as_detection_records, write_results
 from tigbev.engine.scoring import (
@@ -32,24 +33,6 @@ from tigbev.utils.device import pick_device
 from tigbev.utils.run_dir import check_output_dir
 
 __all__ = ["EvaluateConfig", "EvaluateResult", "run"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
-    checkpoint: Path | None
-    """A tigbev teacher or student checkpoint; None with gt_as_predictions."""
-    dataroot: Path
-    split: str
-    out_dir: Path
-    gt_as_predictions: bool = False
-    batch_size: int = 2
-    device: str = "auto"
-    bev_samples: int = 3
-    """How many samples get a top-view picture of predictions against the ground truth."""
-
-    def __post_init__(self) -> None:
-        if self.checkpoint is None and not self.gt_as_predictions:
-            raise ValueError("EvaluateConfig.checkpoint: needed unless gt_as_predictions is set")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +38,10 @@ from tigbev.engine.loop import (
     adamw_one_cycle,
     backward_step,
     begin_run,
+    StepLog,
     plan_steps,
     restore,
+    run_epochs,
     save_training_state,
     start_run_dir,
 )
@@ -182,8 +185,6 @@ def evaluate(net: PretrainNet, loader: DataLoader, scfg: StudentConfig, device: 
 
 
 def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult:
-    from tqdm import tqdm
-
     start = time.perf_counter()
     started = begin_run(cfg.out_dir, resume=cfg.resume, seed=cfg.seed, device=cfg.device)
     out, ckpt_path, resuming, device = started.out, started.checkpoint, started.resuming, started.device
@@ -196,7 +197,6 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     net = PretrainNet(scfg).to(device)
     plan = plan_steps(len(dataset), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    total_steps = plan.total_steps
     optimizer, scheduler = adamw_one_cycle(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, plan=plan,
                                            pct_start=0.2)
     epoch0, step = 0, 0
@@ -206,33 +206,30 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
             raise TigbevError(f"{ckpt_path} is not a tigbev pretrain checkpoint")
         epoch0, step = restore(ckpt_path, ckpt, cfg.to_dict(), net, optimizer, scheduler)
     start_run_dir(out, {"train": cfg.to_dict(), "student": scfg.to_dict()})
-    last: dict[str, float] = {}
+    def loader_for(epoch: int) -> DataLoader:
+        dataset.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                          generator=torch.Generator().manual_seed(cfg.seed + epoch), drop_last=False)
+
+    def body(batch: Any, step: int) -> StepLog:
+        images, depth_bin, cls = batch
+        losses = _losses(net, images.to(device), depth_bin.to(device), cls.to(device))
+        loss = losses["depth"] + losses["class"]
+        backward_step(loss, losses, net.parameters, optimizer, cfg.grad_clip, what=f"pretraining loss at step {step}")
+        return StepLog({"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}})
+
+    def save(epochs_done: int, step: int) -> None:
+        save_training_state(ckpt_path, net, epoch=epochs_done, step=step, lr=cfg.lr, optimizer=optimizer,
+                            scheduler=scheduler, format=CHECKPOINT_FORMAT, train_config=cfg.to_dict(),
+                            student_config=scfg.to_dict(),
+                            provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split))
+
     net.train()
     with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, resume_step=step if resuming else None) as log:
-        for epoch in range(epoch0, cfg.epochs):
-            if step >= total_steps:
-                break
-            dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                                generator=torch.Generator().manual_seed(cfg.seed + epoch), drop_last=False)
-            bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress)
-            for images, depth_bin, cls in bar:
-                losses = _losses(net, images.to(device), depth_bin.to(device), cls.to(device))
-                loss = losses["depth"] + losses["class"]
-                backward_step(loss, losses, net.parameters, optimizer, cfg.grad_clip,
-                              what=f"pretraining loss at step {step}")
-                scheduler.step()
-                step += 1
-                last = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
-                bar.set_postfix(loss=f"{last['total']:.3f}")
-                log.step(step, epoch, last, last=step == total_steps, lr=scheduler.get_last_lr()[0])
-                if step >= total_steps:
-                    break
-            log.end_epoch(epoch, step)
-            save_training_state(ckpt_path, net, epoch=epoch + 1, step=step, lr=cfg.lr, optimizer=optimizer,
-                                scheduler=scheduler, format=CHECKPOINT_FORMAT, train_config=cfg.to_dict(),
-                                student_config=scfg.to_dict(),
-                                provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split))
+        step, last_log = run_epochs(what="pretrain", epochs=cfg.epochs, epoch0=epoch0, step=step, plan=plan,
+                                    loader_for=loader_for, body=body, scheduler=scheduler, log=log, save=save,
+                                    progress=progress)
+    last = last_log.losses if last_log else {}
     log.plot(out / "loss_curve.png", f"backbone pretraining ({cfg.preset})")
     backbone = save_atomic(out / "backbone.pth", net.backbone.state_dict())
     metrics = None

@@ -34,9 +34,11 @@ from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
 from tigbev.data.nuscenes_reader import NuScenesReader
 from tigbev.engine.loop import (
+    StepLog,
     backward_step,
     plan_steps,
     restore,
+    run_epochs,
     save_training_state,
     start_run_dir,
 )
@@ -293,8 +295,6 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult:
-    from tqdm import tqdm
-
     start = time.perf_counter()
     rank, world, local_rank = _distributed()
     device = pick_device(cfg.device)
@@ -318,7 +318,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     plan = plan_steps(math.ceil(len(dataset) / world), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    steps_per_epoch, schedule_steps, total_steps = plan.steps_per_epoch, plan.schedule_steps, plan.total_steps
+    schedule_steps = plan.schedule_steps
     # Linear warm-up, then the published step decay at 19/24 and 23/24 of training (x0.1 each).
     milestones = (round(schedule_steps * 19 / 24), round(schedule_steps * 23 / 24))
 
@@ -345,54 +345,45 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     step_times: list[float] = []
-    last: dict[str, float] = {}
     th, tw = (teacher_grid.shape_hw if teacher_grid is not None else (0, 0))
+
+    def loader_for(epoch: int) -> DataLoader:
+        dataset.set_epoch(epoch)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) \
+            if world > 1 else None
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                          collate_fn=collate_camera, num_workers=cfg.workers,
+                          generator=torch.Generator().manual_seed(cfg.seed + epoch))
+
+    def body(batch: CameraBatch, step: int) -> StepLog:
+        t0 = time.perf_counter()
+        try:
+            result = training_step(train_model, optimizer, scaler, batch.to(device), online=online,
+                                   teacher_hw=(th, tw), device=device, use_amp=use_amp, grad_clip=cfg.grad_clip)
+        except TigbevError as exc:
+            raise TigbevError(f"at step {step}: {exc}") from None
+        step_times.append(time.perf_counter() - t0)
+        losses = {"total": float(result.loss.detach()), **{k: float(v.detach()) for k, v in result.losses.items()}}
+        return StepLog(losses, unweighted={k: float(v.detach()) for k, v in result.unweighted.items()},
+                       extra={"step_s": step_times[-1]})
+
+    def save(epochs_done: int, step: int) -> None:
+        if rank == 0:
+            save_training_state(
+                ckpt_path, model, epoch=epochs_done, step=step, lr=cfg.lr, optimizer=optimizer, scheduler=scheduler,
+                format=CHECKPOINT_FORMAT, student_config=scfg.to_dict(), train_config=cfg.to_dict(),
+                cache=cache_fingerprint, provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split,
+                                                               cache=cfg.cache))
+
     model.train()
     with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, enabled=rank == 0,
                      resume_step=step if resuming else None) as log:
-        for epoch in range(epoch0, cfg.epochs):
-            if step >= total_steps:
-                break
-            dataset.set_epoch(epoch)
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) \
-                if world > 1 else None
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                                collate_fn=collate_camera, num_workers=cfg.workers,
-                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            bar = tqdm(loader, desc=f"student epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=not progress or rank != 0)
-            finished_epoch = True
-            for batch in bar:
-                t0 = time.perf_counter()
-                batch = batch.to(device)
-                try:
-                    result = training_step(train_model, optimizer, scaler, batch, online=online,
-                                           teacher_hw=(th, tw), device=device, use_amp=use_amp,
-                                           grad_clip=cfg.grad_clip)
-                except TigbevError as exc:
-                    raise TigbevError(f"at step {step}: {exc}") from None
-                scheduler.step()
-                step += 1
-                step_times.append(time.perf_counter() - t0)
-                last = {"total": float(result.loss.detach()),
-                        **{k: float(v.detach()) for k, v in result.losses.items()}}
-                bar.set_postfix(loss=f"{last['total']:.3f}")
-                log.step(step, epoch, last, last=step == total_steps, lr=scheduler.get_last_lr()[0],
-                         step_s=step_times[-1],
-                         unweighted={k: float(v.detach()) for k, v in result.unweighted.items()})
-                if step >= total_steps:
-                    finished_epoch = step % steps_per_epoch == 0
-                    break
-            log.end_epoch(epoch, step)
-            if rank == 0:
-                # An epoch cut short by max_steps is redone on resume (from its start; steps keep counting).
-                save_training_state(
-                    ckpt_path, model, epoch=epoch + 1 if finished_epoch else epoch, step=step, lr=cfg.lr,
-                    optimizer=optimizer, scheduler=scheduler, format=CHECKPOINT_FORMAT,
-                    student_config=scfg.to_dict(), train_config=cfg.to_dict(), cache=cache_fingerprint,
-                    provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split, cache=cfg.cache))
+        step, last_log = run_epochs(what="student", epochs=cfg.epochs, epoch0=epoch0, step=step, plan=plan,
+                                    loader_for=loader_for, body=body, scheduler=scheduler, log=log, save=save,
+                                    progress=progress and rank == 0)
+    last = last_log.losses if last_log else {}
     metrics = None
     log.plot(out / "loss_curve.png", f"camera student ({cfg.preset})")
     if rank == 0:

@@ -24,7 +24,9 @@ from tigbev.engine.loop import (
     backward_step,
     begin_run,
     plan_steps,
+    StepLog,
     restore,
+    run_epochs,
     save_training_state,
     start_run_dir,
 )
@@ -50,8 +52,6 @@ class TrainTeacherResult:
 
 
 def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult:
-    from tqdm import tqdm
-
     start = time.perf_counter()
     # Nothing is written before every input is checked: the run directory, the dataset, the checkpoint to resume.
     started = begin_run(cfg.out_dir, resume=cfg.resume, seed=cfg.seed, device=cfg.device)
@@ -64,7 +64,6 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                                      augment=BevAugmentPolicy() if cfg.augment else None, seed=cfg.seed)
     model = CenterPoint(model_cfg).to(device)
     plan = plan_steps(len(dataset), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    total_steps = plan.total_steps
     optimizer, scheduler = adamw_one_cycle(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, plan=plan,
                                            pct_start=0.3)
     epoch0, step = 0, 0
@@ -73,39 +72,32 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
                                optimizer, scheduler)
     start_run_dir(out, {"train": cfg.to_dict(), "teacher": model_cfg.to_dict()})
 
-    last_loss = float("nan")
+    def loader_for(epoch: int) -> DataLoader:
+        dataset.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_lidar,
+                          num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                          persistent_workers=False)
+
+    def body(batch: Any, step: int) -> StepLog:
+        batch = batch.to(device)
+        output = model(batch.points)
+        losses = model.head.loss(output.preds, model.head.build_targets(batch.boxes, batch.labels))
+        loss = losses["heatmap"] + losses["bbox"]
+        backward_step(loss, losses, model.parameters, optimizer, cfg.grad_clip,
+                      what=f"teacher loss at step {step} (samples {batch.tokens})")
+        return StepLog({"total": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}})
+
+    def save(epochs_done: int, step: int) -> None:
+        save_training_state(
+            ckpt_path, model, epoch=epochs_done, step=step, lr=cfg.lr, optimizer=optimizer, scheduler=scheduler,
+            format=TEACHER_FORMAT, teacher_config=model_cfg.to_dict(), train_config=cfg.to_dict(),
+            provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)))
+
     model.train()
     with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, resume_step=step if resuming else None) as log:
-        for epoch in range(epoch0, cfg.epochs):
-            if step >= total_steps:
-                break
-            dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_lidar,
-                                num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                                persistent_workers=False)
-            bar = tqdm(loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress)
-            for batch in bar:
-                batch = batch.to(device)
-                # forward -> named losses -> weighted sum -> stop on non-finite -> backward -> clip -> step
-                output = model(batch.points)
-                targets = model.head.build_targets(batch.boxes, batch.labels)
-                losses = model.head.loss(output.preds, targets)
-                loss = losses["heatmap"] + losses["bbox"]
-                backward_step(loss, losses, model.parameters, optimizer, cfg.grad_clip,
-                              what=f"teacher loss at step {step} (samples {batch.tokens})")
-                scheduler.step()
-                step += 1
-                last_loss = float(loss.detach())
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-                log.step(step, epoch, {"total": last_loss, **{k: float(v.detach()) for k, v in losses.items()}},
-                         last=step == total_steps, lr=scheduler.get_last_lr()[0])
-                if step >= total_steps:
-                    break
-            log.end_epoch(epoch, step)
-            save_training_state(
-                ckpt_path, model, epoch=epoch + 1, step=step, lr=cfg.lr, optimizer=optimizer, scheduler=scheduler,
-                format=TEACHER_FORMAT, teacher_config=model_cfg.to_dict(), train_config=cfg.to_dict(),
-                provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)))
+        step, last = run_epochs(what="teacher", epochs=cfg.epochs, epoch0=epoch0, step=step, plan=plan,
+                                loader_for=loader_for, body=body, scheduler=scheduler, log=log, save=save,
+                                progress=progress)
     log.plot(out / "loss_curve.png", f"CenterPoint teacher ({cfg.preset})")
     metrics = None
     if cfg.val_split is not None:
@@ -116,5 +108,5 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
         metrics = score(eval_reader, cfg.val_split, preds, out / "eval", use_camera=False, use_lidar=True,
                         plots=False)
     return TrainTeacherResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
-                              final_loss=last_loss, metrics=metrics)
+                              final_loss=last.losses["total"] if last else float("nan"), metrics=metrics)
 
