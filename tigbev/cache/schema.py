@@ -44,8 +44,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Final, Literal
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
 from tigbev.geometry.bev import BevGrid
 
@@ -128,12 +128,43 @@ def tokens_sha256(tokens: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
 
 
-def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
+def _check_keys(cls: type, d: Any, where: str) -> None:
+    if not isinstance(d, dict):
+        raise CacheFormatError(f"manifest {where}: expected an object, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
-    missing = known - set(d)
+    missing = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - set(d)
     unknown = set(d) - known
     if missing or unknown:
         raise CacheFormatError(f"manifest {where}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """A JSON value as the field type ``tp`` says (numbers, strings, tuples, dicts of lists, nested records; Literal
+    as is)."""
+    origin = get_origin(tp)
+    if is_dataclass(tp):
+        return _parse(tp, value, where)
+    if tp in (int, float, str, bool):
+        return tp(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is dict:
+        inner = get_args(tp)[1] if get_args(tp) else Any
+        return {k: list(v) if get_origin(inner) is list else v for k, v in dict(value).items()}
+    return value
+
+
+def _parse(cls: type, d: Any, where: str) -> Any:
+    """A frozen record from its manifest entry: the keys checked (none missing, none unknown), each value converted
+    to its field's type; the record's own ``__post_init__`` then validates the values."""
+    _check_keys(cls, d, where)
+    hints = get_type_hints(cls)
+    try:
+        return cls(**{k: _convert(hints[k], v, k) for k, v in d.items()})
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, CacheFormatError):
+            raise
+        raise CacheFormatError(f"manifest {where}: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,11 +173,6 @@ class TeacherFingerprint:
 
     checkpoint_sha256: str
     config: dict[str, Any]
-
-    @classmethod
-    def parse(cls, d: dict[str, Any]) -> TeacherFingerprint:
-        _check_keys(cls, d, "teacher")
-        return cls(**d)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,11 +193,6 @@ class DatasetFingerprint:
     records_sha256: dict[str, str]
     image_sizes: dict[str, list[str]]
 
-    @classmethod
-    def parse(cls, d: dict[str, Any]) -> DatasetFingerprint:
-        _check_keys(cls, d, "dataset")
-        return cls(**{**d, "records_sha256": dict(d["records_sha256"]),
-                      "image_sizes": {k: list(v) for k, v in d["image_sizes"].items()}})
 
     def differences(self, other: DatasetFingerprint) -> list[str]:
         """What differs, ``self`` being the cache's and ``other`` the dataset's, one phrase per field."""
@@ -213,11 +234,6 @@ class FeatureStorage:
             raise CacheFormatError(f"features: channels must be >= 1 and margin_cells >= 0, got {self.channels}, "
                                    f"{self.margin_cells}")
 
-    @classmethod
-    def parse(cls, d: dict[str, Any]) -> FeatureStorage:
-        _check_keys(cls, d, "features")
-        return cls(**d)
-
 
 @dataclass(frozen=True, kw_only=True)
 class KeypointSpec:
@@ -231,11 +247,6 @@ class KeypointSpec:
     def per_box(self) -> int:
         return self.grid_size ** 2
 
-    @classmethod
-    def parse(cls, d: dict[str, Any]) -> KeypointSpec:
-        _check_keys(cls, d, "keypoints")
-        return cls(enlarge_m=float(d["enlarge_m"]), grid_size=int(d["grid_size"]))
-
 
 @dataclass(frozen=True, kw_only=True)
 class DepthSpec:
@@ -246,12 +257,6 @@ class DepthSpec:
     source: str
     pixels: str
 
-    @classmethod
-    def parse(cls, d: dict[str, Any]) -> DepthSpec:
-        _check_keys(cls, d, "depth")
-        return cls(cameras=tuple(d["cameras"]), min_depth_m=float(d["min_depth_m"]), source=str(d["source"]),
-                   pixels=str(d["pixels"]))
-
 
 @dataclass(frozen=True, kw_only=True)
 class BoxSpec:
@@ -259,11 +264,6 @@ class BoxSpec:
 
     filter: str
     frame: str
-
-    @classmethod
-    def parse(cls, d: dict[str, Any]) -> BoxSpec:
-        _check_keys(cls, d, "boxes")
-        return cls(**d)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,11 +278,6 @@ class VariantSpec:
         if self.kind != "canonical" or self.count != 1:
             raise CacheFormatError(f"variants: this tigbev writes and reads kind 'canonical' with count 1, got "
                                    f"{self.kind!r} with count {self.count}")
-
-    @classmethod
-    def parse(cls, d: dict[str, Any]) -> VariantSpec:
-        _check_keys(cls, d, "variants")
-        return cls(kind=d["kind"], count=int(d["count"]))
 
 
 @dataclass(frozen=True)
@@ -435,29 +430,7 @@ class Manifest:
             raise CacheFormatError(f"cache format version {version!r} is not supported by this tigbev (it reads "
                                    f"version {FORMAT_VERSION}){hint}; re-extract it with this tigbev's `tigbev "
                                    "extract-teacher` into a new --out, or read it with the tigbev that wrote it")
-        _check_keys(cls, d, "top level")
-        _check_keys(BevGrid, d["grid"], "grid")
-        try:
-            grid = BevGrid(**{k: float(v) for k, v in d["grid"].items()})
-        except ValueError as exc:
-            raise CacheFormatError(f"manifest grid: {exc}") from None
-        return cls(
-            format_version=version,
-            teacher=TeacherFingerprint.parse(d["teacher"]),
-            dataset=DatasetFingerprint.parse(d["dataset"]),
-            grid=grid,
-            features=FeatureStorage.parse(d["features"]),
-            keypoints=KeypointSpec.parse(d["keypoints"]),
-            depth=DepthSpec.parse(d["depth"]),
-            boxes=BoxSpec.parse(d["boxes"]),
-            variants=VariantSpec.parse(d["variants"]),
-            shard_samples=int(d["shard_samples"]),
-            records_chunk_bytes=int(d["records_chunk_bytes"]),
-            codecs=dict(d["codecs"]),
-            provenance=dict(d["provenance"]),
-            complete=bool(d["complete"]),
-            extra=dict(d["extra"]),
-        )
+        return _parse(cls, d, "top level")
 
     def compatibility_errors(self, *, dataset: DatasetFingerprint | None = None, grid: dict[str, float] | None = None,
                              teacher_sha256: str | None = None) -> list[str]:
