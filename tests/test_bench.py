@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tigbev.bench import GOALS, MODES, STORAGE_OPTIONS, BenchConfig
+from tigbev.bench.config import storage_name
 from tigbev.cli import app
 
 
@@ -47,7 +48,7 @@ def test_tiny_bench_writes_json_table_and_plot(synth_root: Path, demo_teacher_ck
                 "extraction_over_map_forward"):
         assert _positive(ex[key]), key
 
-    assert set(report["storage"]) == {f"{f}-{d}" for f, d in STORAGE_OPTIONS}
+    assert set(report["storage"]) == {storage_name(*o) for o in STORAGE_OPTIONS}
     for name, s in report["storage"].items():
         assert _positive(s["bytes_per_sample_total"]) and _positive(s["compression_ratio"]), name
         assert all(v >= 0 for v in s["bytes_per_sample"].values()) and s["bytes_per_sample"]["depth"] > 0

@@ -358,3 +358,23 @@ def test_the_keypoint_lattice_is_an_extract_teacher_option(teacher_ckpt: Path, s
     assert sample.keypoints.shape == (len(sample.boxes), 36, 2)
     resolved = json.loads((out / "configs" / "part-0-of-1.json").read_text())["extract"]
     assert (resolved["keypoint_grid"], resolved["keypoint_enlarge_m"], resolved["shard_samples"]) == (6, 1.0, 1)
+
+
+def test_zstd_records_read_back_the_same_samples_in_fewer_bytes(teacher_ckpt: Path, synth_root: Path,
+                                                               reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "zstd"
+    extract_teacher.run(_cfg(teacher_ckpt, synth_root, out, compression="zstd"), progress=False)
+    packed, plain = CacheReader(str(out)), CacheReader(str(reference))
+    assert packed.manifest.codecs["records_compressor"] == "zstd"
+    assert plain.manifest.codecs["records_compressor"] == "none"
+    for i in range(len(plain)):
+        a, b = packed.read(i), plain.read(i)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.depth, b.depth)
+        np.testing.assert_array_equal(a.map_cells, b.map_cells)
+        np.testing.assert_array_equal(a.maps[0].stored, b.maps[0].stored)
+    assert verify_cache(str(out)) == []
+    assert cache_info(str(out))["bytes_per_sample_total"] < cache_info(str(reference))["bytes_per_sample_total"]
+    # Resuming into it with another compression is refused (the codecs are part of what a cache is).
+    with pytest.raises(CacheError, match="codecs differs"):
+        extract_teacher.run(_cfg(teacher_ckpt, synth_root, out), progress=False)

@@ -263,6 +263,9 @@ def extract_teacher(
     feature_dtype: Annotated[str | None, typer.Option(help=(
         "'float16' or 'int8' (per-channel scale; foreground) "
         f"(default {_default(ExtractTeacherConfig, 'feature_dtype')})."))] = None,
+    compression: Annotated[str | None, typer.Option(help=(
+        "'none' (fastest reads), 'zstd' (fewer bytes) or 'auto' (zstd for dense, none for foreground) "
+        f"(default {_default(ExtractTeacherConfig, 'compression')})."))] = None,
     shard_samples: Annotated[int | None, typer.Option(min=1, help=(
         "Samples per shard (unit of writing/resuming) "
         f"(default {_default(ExtractTeacherConfig, 'shard_samples')})."))] = None,
@@ -291,7 +294,7 @@ def extract_teacher(
     cfg = ExtractTeacherConfig(
         teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out_dir=out,
         shard_index=int(index), num_parts=int(count),
-        **_given(features=features, feature_dtype=feature_dtype, shard_samples=shard_samples, batch_size=batch_size,
+        **_given(features=features, feature_dtype=feature_dtype, compression=compression, shard_samples=shard_samples, batch_size=batch_size,
                  workers=workers, device=device, keypoint_grid=keypoint_grid, keypoint_enlarge_m=keypoint_enlarge_m),
     )
     result = stage.run(cfg)
@@ -489,7 +492,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("info")
 @_guarded
 def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or URL.")]) -> None:
-    """Samples, completeness, bytes per sample per array, compression ratio, teacher, grid."""
+    """Samples, completeness, bytes per sample per record section, compression ratio, teacher, grid, maps."""
     from tigbev.cache.tools import cache_info
 
     info = cache_info(cache)
@@ -500,7 +503,9 @@ def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or
     g = info["grid"]
     typer.echo(f"grid       x [{g['x_min_m']}, {g['x_max_m']}) y [{g['y_min_m']}, {g['y_max_m']}) m, cell {g['cell_m']} m")
     f = info["features"]
-    typer.echo(f"features   {f['mode']} {f['dtype']} x {f['channels']} ch")
+    typer.echo(f"features   {f['mode']} {f['dtype']} x {f['channels']} ch, per-channel scale")
+    typer.echo(f"maps       {info['variants']['count']} per sample ({info['variants']['kind']}); format "
+               f"{info['format_version']}")
     for name, b in info["bytes_per_sample"].items():
         typer.echo(f"  {name:<12} {b / 1024:10.1f} KiB/sample")
     typer.echo(f"total      {info['bytes_per_sample_total'] / 1024:.1f} KiB/sample, compression "
@@ -521,7 +526,7 @@ def cache_verify_cmd(cache: Annotated[str, typer.Argument(help="Cache directory 
     if faults:
         typer.echo(f"{len(faults)} fault(s) in {cache}")
         raise typer.Exit(code=1)
-    typer.echo(f"{cache}: OK, complete: every array and chunk of every sample present, read and checked")
+    typer.echo(f"{cache}: OK, complete: every record and chunk of every sample present, read and checked")
 
 
 @cache_app.command("dump")

@@ -12,19 +12,25 @@ from typing import Any, Literal
 from tigbev.errors import TigbevError
 
 __all__ = ["GOALS", "MODES", "STORAGE_OPTIONS", "BenchConfig", "BenchResult", "Preset", "cycle",
-           "median", "preset_keypoint_grid"]
+           "median", "preset_keypoint_grid", "storage_name"]
 
 
 Preset = Literal["demo", "nuscenes"]
 MODES: tuple[str, ...] = ("none", "cache", "online")
-STORAGE_OPTIONS: tuple[tuple[str, str], ...] = (("dense", "float16"), ("foreground", "float16"),
-                                                ("foreground", "int8"))
+STORAGE_OPTIONS: tuple[tuple[str, str, str], ...] = (("dense", "float16", "auto"), ("foreground", "float16", "auto"),
+                                                     ("foreground", "float16", "zstd"), ("foreground", "int8", "auto"))
+"""(features, feature_dtype, compression) of each storage option the bench measures; named by
+:func:`storage_name`."""
+
+
+def storage_name(features: str, dtype: str, compression: str) -> str:
+    return f"{features}-{dtype}" + ("" if compression == "auto" else f"-{compression}")
 GOALS: dict[str, tuple[str, float, str]] = {
     # name: (description, threshold, "max" = value must be <= threshold, "min" = >=)
     "tig_cache_step_ratio": ("TiG-from-cache step / no-distillation step", 1.10, "max"),
     "loader_wait_fraction": ("fraction of a training step waiting for data (cache mode)", 0.10, "max"),
-    "cache_read_over_memmap": ("cache read rate / raw memmap rate of the same bytes (one sample, in process)", 0.5,
-                               "min"),
+    "cache_read_over_memmap": ("cache sample reads/s / raw memmap reads/s of the same bytes (DataLoader, 1 worker)",
+                               0.5, "min"),
     "extraction_over_forward": ("extraction samples/s / teacher forward-only samples/s (read + distilled map)",
                                 0.85, "min"),
     "cache_mib_per_sample": ("cache MiB per sample (smallest storage option within the fidelity target)", 4.0,

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tigbev.bench.config import STORAGE_OPTIONS, median
+from tigbev.bench.config import STORAGE_OPTIONS, median, storage_name
+from tigbev.bench.loader import read_time
 from tigbev.bench.world import extract
 
 __all__ = ["bench_extraction", "bench_storage"]
@@ -143,13 +144,13 @@ def bench_storage(ckpt: Path, dataroot: Path, split: str, tokens: Sequence[str],
     from tigbev.cache.tools import cache_info
 
     out: dict[str, Any] = {}
-    for features, dtype in STORAGE_OPTIONS:
-        name = f"{features}-{dtype}"
+    for features, dtype, compression in STORAGE_OPTIONS:
+        name = storage_name(features, dtype, compression)
         url = work / f"storage-{name}"
-        extract(ckpt, dataroot, split, tokens, url, features=features, dtype=dtype, keypoint_grid=keypoint_grid,
-                device=device)
+        extract(ckpt, dataroot, split, tokens, url, features=features, dtype=dtype, compression=compression,
+                keypoint_grid=keypoint_grid, device=device)
         info = cache_info(str(url))
-        out[name] = {"bytes_per_sample": info["bytes_per_sample"],
+        out[name] = {"bytes_per_sample": info["bytes_per_sample"], "read_s_per_sample": read_time(str(url)),
                      "bytes_per_sample_total": info["bytes_per_sample_total"],
                      "compression_ratio": info["compression_ratio"],
                      "fidelity": _fidelity(str(url), ckpt, dataroot, preset, device, max_samples=4, seed=seed)}

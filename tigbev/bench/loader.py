@@ -12,7 +12,7 @@ import numpy as np
 
 from tigbev.bench.config import median
 
-__all__ = ["bench_loader", "loader_rate"]
+__all__ = ["bench_loader", "loader_rate", "read_time"]
 
 
 class _CacheReads:
@@ -69,6 +69,21 @@ def _raw_copy(url: str, path: Path) -> list[tuple[int, int]]:
             offsets.append((pos, len(blob)))
             pos += len(blob)
     return offsets
+
+
+def read_time(url: str, passes: int = 3) -> float:
+    """Seconds per sample read (``CacheReader.read``, in process, warm page cache): the median of ``passes``."""
+    reads = _CacheReads(url, 0)
+    n = len(reads.reader)
+    for i in range(n):  # warm
+        reads[i]
+    times = []
+    for _ in range(passes):
+        t = time.perf_counter()
+        for i in range(n):
+            reads[i]
+        times.append((time.perf_counter() - t) / max(n, 1))
+    return median(times)
 
 
 def loader_rate(dataset: Any, workers: int) -> float:

@@ -24,7 +24,8 @@ def evaluate_goals(report: dict[str, Any]) -> dict[str, Any]:
     values = {
         "tig_cache_step_ratio": report["step"]["cache"]["ratio_to_none"],
         "loader_wait_fraction": report["loader"]["wait_fraction"],
-        "cache_read_over_memmap": 1.0 / report["loader"]["cache_over_memmap_time"],
+        "cache_read_over_memmap": report["loader"]["workers"][min(report["loader"]["workers"], key=int)][
+            "cache_over_memmap"],
         # Against the forward extraction must pay (read the sweeps, compute the distilled map; the head is skipped).
         "extraction_over_forward": report["extraction"].get("extraction_over_map_forward",
                                                             report["extraction"]["extraction_over_forward"]),
@@ -81,12 +82,14 @@ def markdown_tables(report: dict[str, Any]) -> str:
               (f"| extract-teacher, with set-up | {ex['extraction_with_setup_samples_per_s']:.2f} | "
                f"{ex['extraction_with_setup_samples_per_s'] / ex['forward_only_samples_per_s']:.2f} |")]
     arrays = sorted({a for s in report["storage"].values() for a in s["bytes_per_sample"]})
-    lines += ["", ("| storage | KiB/sample | compression | " + " | ".join(f"{a} KiB" for a in arrays)
+    lines += ["", ("| storage | KiB/sample | compression | read (ms/sample) | " + " | ".join(f"{a} KiB" for a in arrays)
                    + " | L_kp rel. err. | L_ch rel. err. | features rel. err. |"),
-              "|---|---|---|" + "---|" * len(arrays) + "---|---|---|"]
+              "|---|---|---|---|" + "---|" * len(arrays) + "---|---|---|"]
     for name, s in report["storage"].items():
         f = s["fidelity"]
+        read = s.get("read_s_per_sample")
         lines.append(f"| {name} | {s['bytes_per_sample_total'] / 1024:.0f} | {s['compression_ratio']:.2f}x | "
+                     f"{'' if read is None else f'{1e3 * read:.2f}'} | "
                      + " | ".join(f"{s['bytes_per_sample'].get(a, 0) / 1024:.0f}" for a in arrays)
                      + f" | {f['inter_keypoint_rel_error']:.1e} | {f['inter_channel_rel_error']:.1e} | "
                        f"{f['keypoint_features_rel_error']:.1e} |")

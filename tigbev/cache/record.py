@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from numpy.typing import NDArray
 
-from tigbev.cache.schema import CacheFormatError, KeypointSpec, Manifest
+from tigbev.cache.schema import SECTION_ALIGN, CacheFormatError, KeypointSpec, Manifest
 from tigbev.geometry.bev import BevGrid
 from tigbev.geometry.keypoints import box_keypoints_xy
 
@@ -196,12 +196,12 @@ def unpack_record(manifest: Manifest, buf: NDArray[np.uint8] | bytes, *, sample_
                   num_depth: int, depth_per_camera: Sequence[int], num_cells: Sequence[int]) -> CachedSample:
     """A record's bytes -> :class:`CachedSample` (views into ``buf``, no copies, except the boxes' split)."""
     sections = manifest.sections(num_boxes, num_depth, num_cells)
-    want = manifest.record_bytes(num_boxes, num_depth, num_cells)
+    want = -(-(sections[-1].offset + sections[-1].nbytes) // SECTION_ALIGN) * SECTION_ALIGN
     if len(buf) != want:
         raise CacheFormatError(f"record of {len(buf)} bytes, the layout says {want}")
     arrays: dict[tuple[str, int], NDArray] = {}
     for s in sections:
-        arrays[(s.spec.name, s.variant)] = np.frombuffer(buf, dtype=s.spec.dtype, count=int(np.prod(s.shape)),
+        arrays[(s.spec.name, s.variant)] = np.frombuffer(buf, dtype=s.spec.dtype, count=s.count,
                                                          offset=s.offset).reshape(s.shape)
     boxes = arrays[("boxes", 0)]
     maps = tuple(CachedMap(aug_from_lidar=arrays[("aug_from_lidar", v)][0], cells=arrays.get(("cells", v)),

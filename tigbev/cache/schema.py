@@ -45,6 +45,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from functools import cached_property
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
 from tigbev.geometry.bev import BevGrid
@@ -298,11 +299,15 @@ class ArraySpec:
     """A section each teacher-map variant has (True), or one per record."""
 
     @property
-    def row_bytes(self) -> int:
+    def row_size(self) -> int:
         n = 1
         for d in self.row_shape:
             n *= d
-        return n * _ITEMSIZE[self.dtype]
+        return n
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_size * _ITEMSIZE[self.dtype]
 
 
 _ITEMSIZE: Final[dict[str, int]] = {"uint8": 1, "int8": 1, "float16": 2, "int32": 4, "float32": 4}
@@ -325,6 +330,11 @@ class Section:
     @property
     def nbytes(self) -> int:
         return self.rows * self.spec.row_bytes
+
+    @property
+    def count(self) -> int:
+        """Number of elements."""
+        return self.rows * self.spec.row_size
 
     @property
     def label(self) -> str:
@@ -356,6 +366,13 @@ class Manifest:
     def array(self, name: str) -> ArraySpec:
         """The spec of array or record section ``name`` in this cache (row shapes follow the grid, the channels and
         the feature mode)."""
+        specs = self._specs
+        if name not in specs:
+            raise CacheFormatError(f"no array or record section {name!r} in a tigbev cache of this storage")
+        return specs[name]
+
+    @cached_property
+    def _specs(self) -> dict[str, ArraySpec]:
         c, lidar = self.features.channels, self.boxes.frame
         dense = self.features.mode == "dense"
         specs = {
@@ -375,9 +392,7 @@ class Manifest:
         }
         if dense:
             del specs["cells"]
-        if name not in specs:
-            raise CacheFormatError(f"no array or record section {name!r} in a tigbev cache of this storage")
-        return specs[name]
+        return specs
 
     def sections(self, num_boxes: int, num_depth: int, num_cells: Sequence[int]) -> tuple[Section, ...]:
         """The sections of one sample's record, in order, with their byte offsets (each aligned to

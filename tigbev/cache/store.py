@@ -35,8 +35,9 @@ from tigbev.cache.schema import (
 from tigbev.cache.shard_file import RecordsFile, ShardFileError
 from tigbev.errors import TigbevError
 
-__all__ = ["RECORDS_CHUNK_BYTES", "CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleFault", "SampleRecord",
-           "codecs_description", "fs_and_path", "read_parquet_rows", "records_key", "remote_errors", "tokens_sha256"]
+__all__ = ["RECORDS_CHUNK_BYTES", "CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleFault",
+           "SampleRecord", "codecs_description", "fs_and_path", "read_parquet_rows", "records_compressor",
+           "records_key", "remote_errors", "tokens_sha256"]
 
 RECORDS_CHUNK_BYTES = 64 * 1024
 """Inner chunk size of the records arrays: a read fetches the chunks its record overlaps, at most one extra
@@ -57,21 +58,32 @@ class SampleFault(CacheError):
                          "(`tigbev cache verify` lists every fault)")
 
 
-def _records_codecs(features: FeatureStorage) -> list[Any]:
-    """Inner-chunk codecs of the records arrays: crc32c only for foreground records (a read is a ranged read plus a
-    checksum), blosc-zstd first for dense maps (mostly zeros after the teacher's ReLU, 2-10x smaller)."""
+def records_compressor(features: FeatureStorage, choice: str = "auto") -> str:
+    """The records' compressor for an extraction's ``compression`` choice: ``auto`` is zstd for dense maps (mostly
+    zeros after the teacher's ReLU, 2-10x smaller) and none for foreground cells (a read is then a ranged read plus
+    a checksum)."""
+    if choice == "auto":
+        return "zstd" if features.mode == "dense" else "none"
+    if choice not in ("none", "zstd"):
+        raise CacheError(f"records compression must be 'auto', 'none' or 'zstd', got {choice!r}")
+    return choice
+
+
+def _records_codecs(compressor: str) -> list[Any]:
+    """Inner-chunk codecs of the records arrays: [blosc(zstd)] + crc32c."""
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    if features.mode == "dense":
-        return [BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle"), Crc32cCodec()]
-    return [Crc32cCodec()]
+    return ([BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")] if compressor == "zstd" else []) + \
+        [Crc32cCodec()]
 
 
-def codecs_description(features: FeatureStorage) -> dict[str, Any]:
-    """What the manifest records about the codecs (the array's zarr.json is what readers follow)."""
-    compressor = "blosc(zstd, clevel 3)" if features.mode == "dense" else "none"
-    return {"zarr_format": 3, "records": f"sharding_indexed: one shard file per sample shard; inner chunks "
-                                         f"{compressor} + crc32c; index bytes + crc32c at the end"}
+def codecs_description(compressor: str) -> dict[str, Any]:
+    """What the manifest records about the codecs (``records_compressor`` is what the writer uses; readers follow
+    each array's zarr.json)."""
+    return {"zarr_format": 3, "records_compressor": compressor,
+            "records": f"sharding_indexed: one shard file per sample shard; inner chunks "
+                       f"{'blosc(zstd, clevel 3)' if compressor == 'zstd' else 'uncompressed'} + crc32c; index bytes "
+                       "+ crc32c at the end"}
 
 
 def _is_remote(url: str) -> bool:
@@ -281,7 +293,8 @@ class CacheWriter:
         # guarantees no live writer holds it). One zarr shard file holds the whole array.
         arr = g.create_array(RECORDS_ARRAY, shape=data.shape, dtype="uint8", chunks=(chunk,),
                              shards=(max(chunk, -(-len(data) // chunk) * chunk),), overwrite=True, fill_value=0,
-                             compressors=_records_codecs(m.features), config={"write_empty_chunks": True})
+                             compressors=_records_codecs(m.codecs.get("records_compressor", "none")),
+                             config={"write_empty_chunks": True})
         arr[...] = data
         _write_parquet(f"{self.url}/{shard_index_path(shard)}", rows)
         with self._lock:
@@ -321,7 +334,7 @@ def _resume_mismatches(existing: Manifest, wanted: Manifest) -> list[str]:
     """An existing cache may be resumed only if everything that shapes its content is the same."""
     a, b = existing.to_dict(), wanted.to_dict()
     keys = ("teacher", "dataset", "grid", "features", "keypoints", "depth", "boxes", "variants", "shard_samples",
-            "records_chunk_bytes")
+            "records_chunk_bytes", "codecs")
     return [f"{k} differs" for k in keys if a[k] != b[k]]
 
 

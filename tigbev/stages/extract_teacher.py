@@ -39,6 +39,7 @@ from tigbev.cache.store import (
     CacheError,
     CacheWriter,
     codecs_description,
+    records_compressor,
     write_json_file,
 )
 from tigbev.config import ExtractTeacherConfig
@@ -140,7 +141,7 @@ def build_manifest(cfg: ExtractTeacherConfig, *, teacher_sha: str, teacher_confi
         variants=VariantSpec(),
         shard_samples=cfg.shard_samples,
         records_chunk_bytes=RECORDS_CHUNK_BYTES,
-        codecs=codecs_description(features),
+        codecs=codecs_description(records_compressor(features, cfg.compression)),
         provenance=provenance(dataroot=str(cfg.dataroot), teacher_checkpoint=str(cfg.teacher_checkpoint)),
     )
 
