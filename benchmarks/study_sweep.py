@@ -44,7 +44,8 @@ def sweep(levers: dict[str, Any], ablation: dict[str, Any]) -> dict[str, Any]:
             if not seeds:
                 continue
             row: dict[str, Any] = {"weight": weight, "seeds": seeds, "published": weight == published,
-                                   "other_weight_zero": weight == 0.0}
+                                   "other_weight_zero": weight == 0.0,
+                                   "per_seed": {s: points[weight][s] for s in seeds}}
             for metric in ("mAP", "NDS"):
                 vals = [points[weight][s][metric] for s in seeds]
                 diffs = [100 * (points[weight][s][metric] - reference[s][metric]) for s in seeds]
