@@ -294,7 +294,8 @@ def extract_teacher(
     cfg = ExtractTeacherConfig(
         teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out_dir=out,
         shard_index=int(index), num_parts=int(count),
-        **_given(features=features, feature_dtype=feature_dtype, compression=compression, shard_samples=shard_samples, batch_size=batch_size,
+        **_given(features=features, feature_dtype=feature_dtype, compression=compression,
+                 shard_samples=shard_samples, batch_size=batch_size,
                  workers=workers, device=device, keypoint_grid=keypoint_grid, keypoint_enlarge_m=keypoint_enlarge_m),
     )
     result = stage.run(cfg)
