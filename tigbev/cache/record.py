@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from numpy.typing import NDArray
 
-from tigbev.cache.schema import SECTION_ALIGN, CacheFormatError, KeypointSpec, Manifest
+from tigbev.cache.schema import CacheFormatError, KeypointSpec, Manifest, record_size
 from tigbev.geometry.bev import BevGrid
 from tigbev.geometry.keypoints import box_keypoints_xy
 
@@ -133,14 +133,14 @@ class SampleRecord:
 def pack_record(manifest: Manifest, r: SampleRecord) -> bytes:
     """The record's bytes: every section at its offset, zero padding between them."""
     sections = manifest.sections(len(r.boxes), len(r.depth), r.num_cells)
-    out = bytearray(manifest.record_bytes(len(r.boxes), len(r.depth), r.num_cells))
+    out = bytearray(record_size(sections))
     values = {("boxes", 0): r.boxes, ("depth", 0): r.depth}
     for v, var in enumerate(r.variants):
         values |= {("aug_from_lidar", v): var.aug_from_lidar, ("scale", v): var.scale, ("cells", v): var.cells,
                    ("features", v): var.features}
     for s in sections:
         data = np.ascontiguousarray(np.asarray(values[(s.spec.name, s.variant)]).astype(s.spec.dtype, copy=False))
-        if data.size != int(np.prod(s.shape)):
+        if data.size != s.count:
             raise CacheFormatError(f"sample {r.sample_idx} ({r.token}): section {s.label} holds shape {data.shape}, "
                                    f"the layout says {s.shape}")
         out[s.offset:s.offset + s.nbytes] = data.tobytes()
@@ -196,7 +196,7 @@ def unpack_record(manifest: Manifest, buf: NDArray[np.uint8] | bytes, *, sample_
                   num_depth: int, depth_per_camera: Sequence[int], num_cells: Sequence[int]) -> CachedSample:
     """A record's bytes -> :class:`CachedSample` (views into ``buf``, no copies, except the boxes' split)."""
     sections = manifest.sections(num_boxes, num_depth, num_cells)
-    want = -(-(sections[-1].offset + sections[-1].nbytes) // SECTION_ALIGN) * SECTION_ALIGN
+    want = record_size(sections)
     if len(buf) != want:
         raise CacheFormatError(f"record of {len(buf)} bytes, the layout says {want}")
     arrays: dict[tuple[str, int], NDArray] = {}

@@ -71,6 +71,7 @@ __all__ = [
     "Section",
     "TeacherFingerprint",
     "VariantSpec",
+    "record_size",
     "shard_index_path",
     "shard_path",
     "tokens_sha256",
@@ -313,6 +314,15 @@ class ArraySpec:
 _ITEMSIZE: Final[dict[str, int]] = {"uint8": 1, "int8": 1, "float16": 2, "int32": 4, "float32": 4}
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // SECTION_ALIGN) * SECTION_ALIGN
+
+
+def record_size(sections: Sequence[Section]) -> int:
+    """Bytes of a record laid out as ``sections`` (:meth:`Manifest.sections`): its last section's end, aligned."""
+    return _aligned(sections[-1].offset + sections[-1].nbytes)
+
+
 @dataclass(frozen=True)
 class Section:
     """Where one section of one sample's record lies: bytes ``offset .. offset + nbytes`` of the record."""
@@ -411,13 +421,8 @@ class Manifest:
                 raise CacheFormatError(f"record section {name}: negative row count {rows}")
             section = Section(self.array(name), v, rows, offset)
             out.append(section)
-            offset = -(-(offset + section.nbytes) // SECTION_ALIGN) * SECTION_ALIGN
+            offset = _aligned(offset + section.nbytes)
         return tuple(out)
-
-    def record_bytes(self, num_boxes: int, num_depth: int, num_cells: Sequence[int]) -> int:
-        """Size of a record: its last section's end, rounded up to ``SECTION_ALIGN``."""
-        last = self.sections(num_boxes, num_depth, num_cells)[-1]
-        return -(-(last.offset + last.nbytes) // SECTION_ALIGN) * SECTION_ALIGN
 
     @property
     def num_shards(self) -> int:

@@ -117,7 +117,6 @@ class RecordsFile:
         if (index[present, 0] + index[present, 1] > data_end).any():
             raise ShardFileError(f"chunk file {_short_path(self.file_key)}: its shard index points past the data "
                                  "(truncated)")
-        self.file_size = size
         return index
 
     # --- reads -----------------------------------------------------------------------------------------------------
@@ -182,9 +181,6 @@ class RecordsFile:
             raise ShardFileError(f"inner chunk {j} of {_short_path(self.file_key)} holds {len(chunk)} bytes, not "
                                  f"{self.chunk_bytes}", (j,))
         return chunk
-
-    def chunk_of(self, byte: int) -> int:
-        return byte // self.chunk_bytes
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:

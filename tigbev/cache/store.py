@@ -445,10 +445,10 @@ class CacheReader:
             raise CacheError(f"cache {self.url}: index row {sample_idx} holds sample {row['sample_idx']}")
         return row
 
-    def sections_hit(self, row: dict[str, Any], chunks: Sequence[int]) -> list[str]:
-        """Labels of the record sections of ``row`` that lie in inner chunks ``chunks`` of its shard."""
+    def sections_hit(self, row: dict[str, Any], chunks: Sequence[int], size: int) -> list[str]:
+        """Labels of the record sections of ``row`` that lie in inner chunks ``chunks`` (of ``size`` bytes) of its
+        shard's records array."""
         m = self.manifest
-        size = m.records_chunk_bytes
         spans = [(c * size - row["record_offset"], (c + 1) * size - row["record_offset"]) for c in chunks]
         return [s.label for s in m.sections(row["num_boxes"], row["num_depth"], row["num_cells"])
                 if s.nbytes and any(s.offset < hi and s.offset + s.nbytes > lo for lo, hi in spans)]
@@ -456,14 +456,17 @@ class CacheReader:
     def read_row(self, row: dict[str, Any]) -> CachedSample:
         """The sample of index row ``row`` (one ranged read; CacheError naming the sample on any fault)."""
         i, token = row["sample_idx"], row["token"]
+        records = None
         try:
             with remote_errors(self.url):
-                buf = self.records_file(row["shard"]).read(row["record_offset"], row["record_bytes"])
+                records = self.records_file(row["shard"])
+                buf = records.read(row["record_offset"], row["record_bytes"])
             return unpack_record(self.manifest, buf, sample_idx=i, token=token, num_boxes=row["num_boxes"],
                                  num_depth=row["num_depth"], depth_per_camera=row["depth_per_camera"],
                                  num_cells=row["num_cells"])
         except ShardFileError as exc:
-            raise SampleFault(self.url, i, token, str(exc), self.sections_hit(row, exc.chunks)) from None
+            hit = [] if records is None else self.sections_hit(row, exc.chunks, records.chunk_bytes)
+            raise SampleFault(self.url, i, token, str(exc), hit) from None
         except CacheFormatError as exc:
             raise SampleFault(self.url, i, token, str(exc)) from None
 

@@ -94,7 +94,7 @@ class CameraDetectionDataset(Dataset):
                  online_keypoints: tuple[int, float] | None = None):
         self.reader = reader
         if online_keypoints is not None and cache is not None:
-            raise ValueError("online_keypoints is for training without a cache (the cache holds its keypoints)")
+            raise ValueError("online_keypoints is for training without a cache (a cache gives its keypoints, derived from its boxes)")
         self.online_keypoints = online_keypoints
         self.lidar_reader = lidar_reader
         self.tokens = list(tokens)
