@@ -191,11 +191,18 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
     torch.testing.assert_close(map_loader, map_process, rtol=0, atol=0)
     torch.testing.assert_close(t_loader.kp_teacher_xy, t_process.kp_teacher_xy, rtol=0, atol=0)
     assert t_loader.kp_teacher_xy.shape[2] == 36
-    # The keypoints were laid on the un-augmented boxes and carried forward by the batch's BDA (never inverted).
-    aug = batch.aug_from_lidar.double()[:, None, None, :2, :2]
-    student_xy = (aug @ t_loader.kp_teacher_xy.double()[..., None])[..., 0]
-    torch.testing.assert_close(t_loader.kp_student_xy.double()[t_loader.box_mask], student_xy[t_loader.box_mask],
-                               rtol=0, atol=1e-4)
+    # The published way: the teacher's map is in the augmented frame, so both keypoint sets are the augmented ones
+    # (laid on the un-augmented boxes, carried forward by the batch's BDA, never inverted), and the map is the
+    # teacher's on the points moved by the BDA.
+    torch.testing.assert_close(t_loader.kp_teacher_xy, t_loader.kp_student_xy, rtol=0, atol=0)
+    torch.testing.assert_close(t_loader.map_from_lidar, batch.aug_from_lidar, rtol=0, atol=0)
+    assert not torch.allclose(batch.aug_from_lidar, torch.eye(4).expand(2, 4, 4))
+    for i in range(2):
+        moved = batch.lidar_points[i].clone()
+        m = batch.aug_from_lidar[i].double()[:3, :3]
+        moved[:, :3] = (moved[:, :3].double() @ m.T).float()
+        assert not torch.equal(moved[:, :3], batch.lidar_points[i][:, :3])
+        torch.testing.assert_close(map_loader[i:i + 1], online.teacher.features_for_loss([moved]), rtol=0, atol=0)
     no_keypoints = CameraDetectionDataset(reader, tokens, cache=None, lidar_reader=online.reader, **kw)
     with pytest.raises(TigbevError, match="no keypoints"):
         online.targets(collate_camera([no_keypoints[0]]))

@@ -206,6 +206,14 @@ class ExtractTeacherConfig:
     compression: Literal["auto", "none", "zstd"] = "auto"
     """Compression of the records' inner chunks: ``none`` reads fastest (a ranged read and a checksum), ``zstd``
     stores fewer bytes and decodes each read; ``auto``: zstd in dense mode, none in foreground mode."""
+    variants: Literal["canonical", "flips", "draws"] = "canonical"
+    """Which teacher maps each sample stores (docs/CACHE.md): ``canonical`` (the un-augmented points; BEV
+    augmentation replayed on the map), ``flips`` (the four x / y flipped clouds: flips exact, 4x the map bytes) or
+    ``draws`` (the canonical map plus ``draws`` stored BDA draws, each exact; 1 + draws times the map bytes)."""
+    draws: int = 4
+    """``variants='draws'``: BDA draws stored per sample (the default policy: +-22.5 deg, scale 0.95-1.05, flips)."""
+    draw_seed: int = 0
+    """``variants='draws'``: the draws of sample ``i`` come from ``(draw_seed, i)``."""
     shard_samples: int = 8
     """Samples per shard: the unit of writing, resuming and parallel work."""
     batch_size: int = 2
@@ -231,6 +239,9 @@ class ExtractTeacherConfig:
         _require(self.compression in ("auto", "none", "zstd"), name, "compression", f"got {self.compression!r}")
         _require(not (self.features == "dense" and self.feature_dtype == "int8"), name, "feature_dtype",
                  "int8 needs features='foreground'")
+        _require(self.variants in ("canonical", "flips", "draws"), name, "variants",
+                 f"must be 'canonical', 'flips' or 'draws', got {self.variants!r}")
+        _require(self.draws >= 1, name, "draws", f"must be >= 1, got {self.draws}")
         _require(self.shard_samples >= 1, name, "shard_samples", "must be >= 1")
         _require(self.batch_size >= 1 and self.shard_samples % self.batch_size == 0, name, "batch_size",
                  f"must divide shard_samples ({self.shard_samples}), got {self.batch_size}")

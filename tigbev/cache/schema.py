@@ -110,7 +110,7 @@ with every default filled in, and the teacher's architecture), written when the 
 
 FeatureMode = Literal["dense", "foreground"]
 FeatureDtype = Literal["float16", "int8"]
-VariantKind = Literal["canonical"]
+VariantKind = Literal["canonical", "flips", "draws"]
 
 
 class CacheFormatError(ValueError):
@@ -271,15 +271,29 @@ class BoxSpec:
 @dataclass(frozen=True, kw_only=True)
 class VariantSpec:
     """Which teacher maps each record stores: ``count`` views of the sample, each with its own frame
-    (``aug_from_lidar``). ``canonical``: one map, of the un-augmented points (BEV augmentation is replayed on it)."""
+    (``aug_from_lidar``), chosen at extraction (tigbev.data.augment.variant_transforms):
+
+    - ``canonical``: one map, of the un-augmented points (BEV augmentation is replayed on it);
+    - ``flips``: four maps, of the points flipped in x / y (variant ``flip_x + 2 * flip_y``): flips exact;
+    - ``draws``: the canonical map, then ``count - 1`` BDA draws of ``policy`` (rotation_deg, scale_range, p_flip,
+      seed); training picks a stored draw, so the teacher's view is exact.
+    """
 
     kind: VariantKind = "canonical"
     count: int = 1
+    policy: dict[str, Any] = field(default_factory=dict)
+    """``draws`` only: the BEV augmentation the draws come from, and their seed."""
 
     def __post_init__(self) -> None:
-        if self.kind != "canonical" or self.count != 1:
-            raise CacheFormatError(f"variants: this tigbev writes and reads kind 'canonical' with count 1, got "
-                                   f"{self.kind!r} with count {self.count}")
+        want = {"canonical": 1, "flips": 4}.get(self.kind)
+        if self.kind not in ("canonical", "flips", "draws"):
+            raise CacheFormatError(f"variants: kind must be 'canonical', 'flips' or 'draws', got {self.kind!r}")
+        if (want is not None and self.count != want) or self.count < 1 or (self.kind == "draws" and self.count < 2):
+            raise CacheFormatError(f"variants: kind {self.kind!r} stores "
+                                   f"{want if want is not None else '1 + K (K >= 1)'} map(s), got count {self.count}")
+        missing = {"rotation_deg", "scale_range", "p_flip", "seed"} - set(self.policy)
+        if self.kind == "draws" and missing:
+            raise CacheFormatError(f"variants: kind 'draws' needs its policy's {sorted(missing)}")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from tigbev.geometry import BOX_DIM_VEL, wrap_angle
 
-__all__ = ["BevAugmentPolicy", "BevTransform", "similarity_apply_boxes", "similarity_apply_points",
-           "similarity_apply_xy"]
+__all__ = ["FLIP_VARIANTS", "BevAugmentPolicy", "BevTransform", "choose_variant", "similarity_apply_boxes",
+           "similarity_apply_points", "similarity_apply_xy", "variant_transforms"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,24 @@ class BevTransform:
     def inverse_matrix(self) -> NDArray[np.float64]:
         """``lidar_from_aug``; pass it to ``similarity_apply_*`` to undo the transform."""
         return np.linalg.inv(self.matrix)
+
+    @classmethod
+    def from_matrix(cls, matrix: ArrayLike, *, atol: float = 1e-5) -> BevTransform:
+        """The transform of a stored ``aug_from_lidar`` (4x4): scale from the determinant, a flip of x where the
+        determinant is negative, the rotation from what is left. A flip of both axes reads back as a rotation by
+        pi (the same matrix). A matrix that is not such a similarity about z is refused."""
+        m = np.asarray(matrix, dtype=np.float64)
+        if m.shape != (4, 4):
+            raise ValueError(f"aug_from_lidar must be 4x4, got shape {m.shape}")
+        a = m[:2, :2]
+        det = float(np.linalg.det(a))
+        scale = math.sqrt(abs(det))
+        flip_x = det < 0
+        rot = np.diag([-1.0 if flip_x else 1.0, 1.0]) @ a / max(scale, 1e-12)
+        out = cls(rotation_rad=math.atan2(rot[1, 0], rot[0, 0]), scale=scale, flip_x=flip_x)
+        if not np.allclose(out.matrix, m, atol=atol * max(1.0, scale)):
+            raise ValueError(f"aug_from_lidar is not a rotation about z with a uniform scale and flips: {m.tolist()}")
+        return out
 
 
 def similarity_apply_points(matrix: ArrayLike, points: ArrayLike) -> NDArray:
@@ -103,3 +121,51 @@ class BevAugmentPolicy:
             flip_x=bool(rng.random() < self.p_flip),
             flip_y=bool(rng.random() < self.p_flip),
         )
+
+
+FLIP_VARIANTS: tuple[BevTransform, ...] = (BevTransform(), BevTransform(flip_x=True), BevTransform(flip_y=True),
+                                           BevTransform(flip_x=True, flip_y=True))
+"""The stored maps of a ``flips`` cache, in order: variant ``flip_x + 2 * flip_y``."""
+
+
+def variant_transforms(kind: str, count: int, *, policy: BevAugmentPolicy, seed: int,
+                       sample_idx: int) -> list[BevTransform]:
+    """The frames of the teacher maps a cache stores for one sample (the cache's ``variants``):
+
+    - ``canonical``: the un-augmented points only (BDA is replayed on the map by warping and keypoint mapping);
+    - ``flips``: the four x / y flips (:data:`FLIP_VARIANTS`): any flip is exact, rotation and scale are replayed;
+    - ``draws``: the canonical map, then ``count - 1`` BDA draws of ``policy``, drawn from ``(seed, sample_idx)``
+      so a resumed or parallel extraction stores the same draws (training picks one per sample and step: exact).
+    """
+    if kind == "canonical":
+        return [BevTransform()]
+    if kind == "flips":
+        return list(FLIP_VARIANTS)
+    if kind == "draws":
+        rng = np.random.default_rng(np.random.SeedSequence([seed, sample_idx]))
+        return [BevTransform()] + [policy.sample(rng) for _ in range(count - 1)]
+    raise ValueError(f"unknown cache variant kind {kind!r}; choose 'canonical', 'flips' or 'draws'")
+
+
+def choose_variant(kind: str, matrices: list[NDArray], bda: BevTransform | None, rng: np.random.Generator
+                   ) -> tuple[int, BevTransform]:
+    """Which stored map a training sample uses, and the sample's BDA with it.
+
+    ``matrices``: each stored map's ``aug_from_lidar``; ``bda``: the transform the loader drew (None: no BEV
+    augmentation, the identity). ``canonical``: map 0, the drawn BDA. ``flips``: the map of the drawn flips, the drawn BDA.
+    ``draws``: without augmentation the canonical map 0; with it one stored draw (uniform, from ``rng``) and its
+    transform replaces the drawn one, so the teacher's view is exactly the student's.
+    """
+    if bda is None:
+        return 0, BevTransform()
+    if kind == "canonical":
+        return 0, bda
+    if kind == "flips":
+        k = int(bda.flip_x) + 2 * int(bda.flip_y)
+        if not np.allclose(np.asarray(matrices[k], np.float64), FLIP_VARIANTS[k].matrix, atol=1e-6):
+            raise ValueError(f"stored map {k} of a flips cache is not {FLIP_VARIANTS[k]}")
+        return k, bda
+    if kind == "draws":
+        k = 1 + int(rng.integers(len(matrices) - 1))
+        return k, BevTransform.from_matrix(matrices[k])
+    raise ValueError(f"unknown cache variant kind {kind!r}")

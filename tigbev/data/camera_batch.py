@@ -4,8 +4,9 @@ Frames: ``cam_from_lidar`` maps the un-augmented key lidar frame to each camera;
 pixels to augmented input pixels (homogeneous 2D: [u', v', 1]^T = aug_px_from_px @ [u, v, 1]^T);
 ``aug_from_lidar`` maps the un-augmented lidar frame to the augmented BEV frame the student predicts in (4x4, a
 similarity about z, the BEV data augmentation or BDA). Boxes, ``kp_student_xy`` and ``gt_boxes`` are in the augmented
-BEV frame; ``kp_teacher_xy`` and the teacher map cells are in the un-augmented frame the cache was written in, so one
-keypoint index names the same physical point in both maps.
+BEV frame; ``kp_teacher_xy`` and the teacher map cells are in the teacher map's frame ``map_from_lidar`` (identity: a
+canonical cache's un-augmented frame; a stored flip or draw; the BDA itself for the online teacher), so one keypoint
+index names the same physical point in both maps.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ __all__ = ["CameraBatch", "TeacherTargets"]
 class TeacherTargets:
     """Distillation targets of a batch (from the cache, or from the online teacher)."""
 
-    kp_teacher_xy: torch.Tensor  # (B, M, K, 2) float32 metric, un-augmented lidar frame
+    kp_teacher_xy: torch.Tensor  # (B, M, K, 2) float32 metric, the teacher map's frame (map_from_lidar)
     kp_student_xy: torch.Tensor  # (B, M, K, 2) float32 metric, augmented BEV frame (aug_from_lidar applied)
     box_mask: torch.Tensor  # (B, M) bool, False for padding
     map_cells: torch.Tensor | None  # (B, F) int64 flat cell index iy * W + ix, -1 for padding; None: dense map
     map_features: torch.Tensor | None
     """(B, F, C) float16/float32 sparse cells, or (B, C, H, W) dense teacher map; None: keypoints for the online
     teacher, which computes the map (:meth:`OnlineTeacher.targets <tigbev.engine.online_teacher.OnlineTeacher>`)."""
+    map_from_lidar: torch.Tensor | None = None
+    """(B, 4, 4) float32: the teacher map's frame from the un-augmented lidar frame; None: the identity."""
 
     def to(self, device: torch.device) -> TeacherTargets:
         return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

@@ -7,9 +7,11 @@ Per sample one :class:`~tigbev.data.image_aug.ImageTransform` per camera and one
 - LiDAR depth: points ``(u, v)`` in original pixels (from the cache, or projected here from the key sweep when no
   cache is given) go through the image transform, then the nearest point per feature cell is kept
   (``nearest_depth_map``); depth along the optical axis does not change under a 2D similarity of the image;
-- GT boxes and ``kp_student_xy``: through the BDA matrix; ``kp_teacher_xy`` and teacher map cells stay in the
-  un-augmented frame the cache was written in, so keypoint ``k`` of box ``m`` names the same physical point in the
-  student's (augmented) map and in the teacher's map.
+- GT boxes and ``kp_student_xy``: through the BDA matrix; ``kp_teacher_xy`` and the teacher map cells are in the
+  teacher map's own frame ``map_from_lidar``, so keypoint ``k`` of box ``m`` names the same physical point in the
+  student's (augmented) map and in the teacher's map. That frame is the identity for a canonical cache, the stored
+  flip for a ``flips`` cache, and the BDA itself for a stored draw (the BDA is then the draw's:
+  :func:`~tigbev.data.augment.choose_variant`) and for the online teacher, which runs on the augmented points.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
 from tigbev.cache.store import CacheError, CacheReader
-from tigbev.data.augment import BevAugmentPolicy, BevTransform
+from tigbev.data.augment import BevAugmentPolicy, BevTransform, choose_variant, similarity_apply_xy
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL, NuScenesReader
@@ -51,8 +53,9 @@ class CameraSample:
     labels: torch.Tensor  # (M,) int64
     depth_m: torch.Tensor  # (N, h, w) float32, 0: no LiDAR point
     depth_box: torch.Tensor  # (N, h, w) int64, -1: none
-    kp_teacher_xy: torch.Tensor | None = None  # (M, K, 2) float32, un-augmented frame
+    kp_teacher_xy: torch.Tensor | None = None  # (M, K, 2) float32, the teacher map's frame (map_from_lidar)
     kp_student_xy: torch.Tensor | None = None  # (M, K, 2) float32, augmented frame
+    map_from_lidar: torch.Tensor | None = None  # (4, 4) the teacher map's frame (kp_teacher_xy's)
     map_cells: torch.Tensor | None = None  # (F,) int64 foreground mode; None in dense mode
     map_features: torch.Tensor | None = None  # (F, C) or (C, H, W) float16
     lidar_points: torch.Tensor | None = None  # (P, 5) float32 teacher LiDAR, un-augmented key frame (online teacher)
@@ -68,8 +71,9 @@ class CameraDetectionDataset(Dataset):
             ``training_boxes(frame, point_range_m)`` and depth from the key sweep; no teacher targets.
         split: the split name; the cache must have been extracted from it (checked once, here).
         online_keypoints: ``(grid_size, enlarge_m)``: without a cache, each box's keypoints for the online teacher,
-            laid here on the un-augmented boxes and carried into the augmented frame like the cached ones (the
-            teacher map is left to :class:`~tigbev.engine.online_teacher.OnlineTeacher`).
+            laid here on the un-augmented boxes and carried into the augmented frame like the cached ones; the
+            teacher map's frame is the BDA's (the published way: the online teacher runs on the augmented points,
+            :class:`~tigbev.engine.online_teacher.OnlineTeacher`), so both keypoint sets are the augmented ones.
         cache_grid: the student's BEV grid; a cache whose teacher map spans another range is refused (its cell size
             may differ: keypoint features are sampled at metric positions).
         input_hw: network input (H, W) in pixels; must equal ``image_policy.input_hw``.
@@ -167,9 +171,17 @@ class CameraDetectionDataset(Dataset):
         img_tfs, aug_from_lidar = self.transforms(index, [(c.width, c.height) for c in cams])
 
         cached = None
+        map_frame = None  # the stored teacher map's frame (aug_from_lidar of its variant)
         if self.cache is not None:
             cached = self.cache.read(self.cache.sample_idx(token))
             boxes, labels, depth = cached.boxes, cached.labels, cached.depth
+            # The stored map for this BDA; a stored draw replaces the drawn BDA by its own (exact teacher view).
+            variant, aug_from_lidar = choose_variant(
+                self.cache.manifest.variants.kind, [m.aug_from_lidar for m in cached.maps],
+                aug_from_lidar if self.train and self.bda_policy is not None else None,
+                np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index, _VARIANT_STREAM])))
+            stored_map = cached.maps[variant]
+            map_frame = np.asarray(stored_map.aug_from_lidar, np.float64)
         else:
             boxes, labels = training_boxes(frame, self.point_range_m)
             depth = depth_points(frame, boxes, min_depth_m=self.min_depth_m)
@@ -202,17 +214,30 @@ class CameraDetectionDataset(Dataset):
         kp = None  # (M, K, 2) keypoints in the un-augmented frame: the cache's, or laid here for the online teacher
         if cached is not None:
             kp = cached.keypoints  # derived from the cached boxes, as extraction laid them
-            sample.map_cells = None if cached.map_cells is None else torch.from_numpy(cached.map_cells)
+            sample.map_cells = None if stored_map.cells is None else torch.from_numpy(stored_map.cells.astype(np.int64))
             # Restored from the per-channel scale straight to fp16 (well within fp16's precision for both dtypes).
-            sample.map_features = torch.from_numpy(cached.maps[0].features(np.float16))
+            sample.map_features = torch.from_numpy(stored_map.features(np.float16))
         elif self.online_keypoints is not None:
             grid_size, enlarge_m = self.online_keypoints
             kp = box_keypoints_xy(np.asarray(boxes, np.float64).reshape(-1, 9), enlarge_m=enlarge_m,
                                   grid_size=grid_size)
+            map_frame = aug_from_lidar.matrix  # the online teacher runs on the augmented points
         if kp is not None:
-            sample.kp_teacher_xy = torch.from_numpy(np.ascontiguousarray(kp, np.float32))
-            sample.kp_student_xy = torch.from_numpy(aug_from_lidar.apply_xy(kp).astype(np.float32))
+            kp_student = aug_from_lidar.apply_xy(kp).astype(np.float32)
+            sample.kp_student_xy = torch.from_numpy(kp_student)
+            if self.cache is None:
+                kp_teacher = kp_student
+            elif np.array_equal(map_frame, np.eye(4)):
+                kp_teacher = np.ascontiguousarray(kp, np.float32)
+            else:
+                kp_teacher = similarity_apply_xy(map_frame, kp).astype(np.float32)
+            sample.kp_teacher_xy = torch.from_numpy(kp_teacher)
+            sample.map_from_lidar = torch.from_numpy(np.asarray(map_frame, np.float32))
         return sample
+
+
+_VARIANT_STREAM = 1
+"""Extra entropy word of the random stream that picks a stored draw (apart from the image and BDA streams)."""
 
 
 def _normalise(image: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -290,4 +315,4 @@ def _collate_teacher(items: Sequence[CameraSample]) -> TeacherTargets:
             f = len(s.map_cells)
             cells[i, :f], feats[i, :f] = s.map_cells, s.map_features
     return TeacherTargets(kp_teacher_xy=kp_t, kp_student_xy=kp_s, box_mask=box_mask, map_cells=cells,
-                          map_features=feats)
+                          map_features=feats, map_from_lidar=torch.stack([s.map_from_lidar for s in items]))

@@ -19,7 +19,9 @@ __all__ = ["OnlineTeacher"]
 
 
 class OnlineTeacher:
-    """The published way: the frozen teacher runs on each batch's LiDAR (un-augmented key lidar frame).
+    """The published way: the frozen teacher runs on each batch's LiDAR moved by the batch's BEV augmentation, so
+    its map lives in the augmented frame the student predicts in (the frame the batch's targets name:
+    ``TeacherTargets.map_from_lidar``, which the loader sets to the BDA).
 
     The points come with the batch (``CameraBatch.lidar_points``, read by the DataLoader workers when the dataset
     is given ``lidar_reader=online.reader``); a batch without them has its LiDAR read here, in the training process.
@@ -37,18 +39,32 @@ class OnlineTeacher:
         self.device = device
 
     def targets(self, batch: CameraBatch) -> tuple[TeacherTargets, torch.Tensor]:
-        """The teacher map of each sample, from its un-augmented LiDAR, with the batch's own keypoints (laid by the
-        loader on the un-augmented boxes: ``CameraDetectionDataset(online_keypoints=...)``, or a cache's). Returns
-        the targets (the batch's keypoints with this map, dense) and the map (B, C, H, W)."""
+        """The teacher map of each sample, from its LiDAR moved into the frame of the batch's targets
+        (``map_from_lidar``: the BDA for batches laid with ``CameraDetectionDataset(online_keypoints=...)``, the
+        identity without augmentation or when None), with the batch's own keypoints in that frame. Returns the
+        targets (the batch's keypoints with this map, dense) and the map (B, C, H, W)."""
         if batch.teacher is None:
             raise TigbevError(f"samples {batch.tokens} have no keypoints: the online teacher needs the loader's "
                               "(CameraDetectionDataset(online_keypoints=(grid_size, enlarge_m)))")
+        frames = batch.teacher.map_from_lidar
         points = []
         for i, token in enumerate(batch.tokens):
             if batch.lidar_points is not None:
-                points.append(batch.lidar_points[i].to(self.device))
+                p = batch.lidar_points[i].to(self.device)
             else:
-                points.append(torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device))
+                p = torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device)
+            points.append(p if frames is None else _move_points(p, frames[i].to(self.device)))
         fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), the map only, an ordinary tensor
         targets = dataclasses.replace(batch.teacher.to(self.device), map_cells=None, map_features=fmap)
         return targets, fmap
+
+
+def _move_points(points: torch.Tensor, map_from_lidar: torch.Tensor) -> torch.Tensor:
+    """Points (P, >= 3) with xyz through the 3x3 part of a similarity (float64 products, the dtype kept), the other
+    columns unchanged; the identity returns the points themselves (bit for bit)."""
+    m = map_from_lidar.double()[:3, :3]
+    if torch.equal(m, torch.eye(3, dtype=m.dtype, device=m.device)):
+        return points
+    out = points.clone()
+    out[:, :3] = (points[:, :3].double() @ m.T).to(points.dtype)
+    return out

@@ -43,6 +43,7 @@ from tigbev.cache.store import (
     write_json_file,
 )
 from tigbev.config import ExtractTeacherConfig
+from tigbev.data.augment import BevAugmentPolicy, similarity_apply_xy, variant_transforms
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.targets import depth_points, training_boxes
 from tigbev.geometry import BevGrid
@@ -51,7 +52,7 @@ from tigbev.models.teacher.frozen import FrozenTeacher
 from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import file_sha256, provenance
 
-__all__ = ["ExtractResult", "build_manifest", "run"]
+__all__ = ["ExtractResult", "build_manifest", "run", "variant_spec"]
 
 BOX_FILTER = "detection classes with at least one LiDAR point and the centre inside the teacher's point range"
 
@@ -74,7 +75,8 @@ class _Item:
     token: str
     scene: str
     timestamp_us: int
-    points: torch.Tensor
+    points: list[torch.Tensor]  # the teacher's input for each stored map variant (its frame's points)
+    frames: list[np.ndarray]  # (4, 4) float32 aug_from_lidar of each variant
     boxes: np.ndarray  # (M, 10) float32, as stored
     depth: np.ndarray  # (P, 5)
     depth_per_camera: list[int]
@@ -82,8 +84,9 @@ class _Item:
 
 class _ExtractDataset(Dataset):
     def __init__(self, reader: NuScenesReader, tokens: Sequence[str], point_range_m: Sequence[float],
-                 cfg: ExtractTeacherConfig):
+                 cfg: ExtractTeacherConfig, variants: VariantSpec):
         self.reader, self.tokens, self.point_range_m, self.cfg = reader, list(tokens), tuple(point_range_m), cfg
+        self.variants = variants
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -94,9 +97,14 @@ class _ExtractDataset(Dataset):
         # Every camera's LiDAR depth, in the cache's row layout (shared with the camera dataset's no-cache path).
         depth = depth_points(frame, boxes, min_depth_m=self.cfg.min_depth_m)
         counts = np.bincount(depth[:, 4].astype(np.int64), minlength=len(CAMERA_CHANNELS)).tolist()
+        # The teacher runs on each variant's points (the published BDA moves the points, the teacher sees them).
+        transforms = variant_transforms(self.variants.kind, self.variants.count, policy=_draw_policy(self.cfg),
+                                        seed=self.cfg.draw_seed, sample_idx=i)
+        points = frame.lidar.points
         return _Item(
             sample_idx=i, token=frame.token, scene=frame.scene_name, timestamp_us=frame.timestamp_us,
-            points=torch.from_numpy(frame.lidar.points),
+            points=[torch.from_numpy(points if t.is_identity else t.apply_points(points)) for t in transforms],
+            frames=[t.matrix.astype(np.float32) for t in transforms],
             boxes=np.concatenate([boxes, labels[:, None]], axis=1).astype(np.float32),
             depth=depth, depth_per_camera=counts,
         )
@@ -126,6 +134,23 @@ def _part_of(cfg: ExtractTeacherConfig) -> tuple[int, int]:
     return cfg.shard_index, cfg.num_parts
 
 
+def _draw_policy(cfg: ExtractTeacherConfig) -> BevAugmentPolicy:
+    """The BEV augmentation stored draws come from: the training default (the published one)."""
+    return BevAugmentPolicy()
+
+
+def variant_spec(cfg: ExtractTeacherConfig) -> VariantSpec:
+    """The manifest's ``variants`` of an extraction configuration."""
+    if cfg.variants == "canonical":
+        return VariantSpec()
+    if cfg.variants == "flips":
+        return VariantSpec(kind="flips", count=4)
+    p = _draw_policy(cfg)
+    return VariantSpec(kind="draws", count=1 + cfg.draws,
+                       policy={"rotation_deg": p.rotation_deg, "scale_range": list(p.scale_range),
+                               "p_flip": p.p_flip, "seed": cfg.draw_seed})
+
+
 def build_manifest(cfg: ExtractTeacherConfig, *, teacher_sha: str, teacher_config: dict[str, Any],
                    grid: BevGrid, channels: int, dataset: DatasetFingerprint) -> Manifest:
     return Manifest(
@@ -138,7 +163,7 @@ def build_manifest(cfg: ExtractTeacherConfig, *, teacher_sha: str, teacher_confi
         depth=DepthSpec(cameras=tuple(CAMERA_CHANNELS), min_depth_m=cfg.min_depth_m, source="key sweep",
                         pixels="original image, pixel centres at integer coordinates"),
         boxes=BoxSpec(filter=BOX_FILTER, frame="un-augmented key lidar frame"),
-        variants=VariantSpec(),
+        variants=variant_spec(cfg),
         shard_samples=cfg.shard_samples,
         records_chunk_bytes=RECORDS_CHUNK_BYTES,
         codecs=codecs_description(records_compressor(features, cfg.compression)),
@@ -184,7 +209,7 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
         n_todo = sum(len(r) for r in ranges)
         skipped = sum(len(manifest.shard_range(k)) for k in mine) - n_todo
 
-        dataset = _ExtractDataset(reader, tokens, tcfg.point_range_m, cfg)
+        dataset = _ExtractDataset(reader, tokens, tcfg.point_range_m, cfg, manifest.variants)
         loader = DataLoader(dataset, batch_sampler=_ShardBatches(ranges, cfg.batch_size), collate_fn=_collate,
                             num_workers=cfg.workers, prefetch_factor=2 if cfg.workers > 0 else None)
 
@@ -212,10 +237,11 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
             for items in loader:
                 if errors:
                     raise errors[0]
-                points = [it.points.to(device) for it in items]
-                bev = teacher.bev_map(points).float().cpu().numpy()  # (B, C, H, W)
-                for it, fmap in zip(items, bev):
-                    record = _record(it, fmap, manifest)
+                points = [p.to(device) for it in items for p in it.points]
+                bev = teacher.bev_map(points).float().cpu().numpy()  # (B * V, C, H, W)
+                v = manifest.variants.count
+                for j, it in enumerate(items):
+                    record = _record(it, bev[j * v:(j + 1) * v], manifest)
                     shard = manifest.shard_of(it.sample_idx)
                     pending.setdefault(shard, []).append(record)
                     if len(pending[shard]) == len(manifest.shard_range(shard)):
@@ -234,18 +260,23 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
                              complete=complete, loop_seconds=end - loop_start)
 
 
-def _record(it: _Item, fmap: np.ndarray, manifest: Manifest) -> SampleRecord:
-    """One sample's record: its boxes and depth rows, and the canonical teacher map (the stored cells in foreground
-    mode), quantised with a per-channel scale."""
-    if not np.isfinite(fmap).all():
+def _record(it: _Item, fmaps: np.ndarray, manifest: Manifest) -> SampleRecord:
+    """One sample's record: its boxes and depth rows, and each stored teacher map (``fmaps`` (V, C, H, W), one per
+    variant, in its frame; in foreground mode only the cells around the boxes carried into that frame), quantised
+    with a per-channel scale."""
+    if not np.isfinite(fmaps).all():
         raise CacheError(f"the teacher's BEV map of sample {it.sample_idx} ({it.token}) is not finite; nothing of its "
                          "shard is written (is the teacher checkpoint sound?)")
     f = manifest.features
-    if f.mode == "dense":
-        cells, stored, scale = None, *quantise(fmap, f.dtype, channel_axis=0)
-    else:
-        cells = foreground_cells(box_keypoints(it.boxes, manifest.keypoints), manifest.grid, f.margin_cells)
-        stored, scale = quantise(fmap.reshape(fmap.shape[0], -1)[:, cells].T, f.dtype, channel_axis=1)
-    canonical = MapVariant(aug_from_lidar=np.eye(4, dtype=np.float32), cells=cells, features=stored, scale=scale)
+    kp = box_keypoints(it.boxes, manifest.keypoints)
+    variants = []
+    for frame, fmap in zip(it.frames, fmaps):
+        if f.mode == "dense":
+            cells, stored, scale = None, *quantise(fmap, f.dtype, channel_axis=0)
+        else:
+            cells = foreground_cells(similarity_apply_xy(frame, kp), manifest.grid, f.margin_cells)
+            stored, scale = quantise(fmap.reshape(fmap.shape[0], -1)[:, cells].T, f.dtype, channel_axis=1)
+        variants.append(MapVariant(aug_from_lidar=frame, cells=cells, features=stored, scale=scale))
     return SampleRecord(sample_idx=it.sample_idx, token=it.token, scene=it.scene, timestamp_us=it.timestamp_us,
-                        boxes=it.boxes, depth=it.depth, depth_per_camera=it.depth_per_camera, variants=(canonical,))
+                        boxes=it.boxes, depth=it.depth, depth_per_camera=it.depth_per_camera,
+                        variants=tuple(variants))

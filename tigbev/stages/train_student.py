@@ -139,8 +139,8 @@ class DistillationModel(nn.Module):
                                    teacher_keypoints_xy=t.kp_teacher_xy)
             losses.update({k: v for k, v in feature.items() if self.weight_dict[k] > 0})
             if self.dense_mse is not None or self.self_assessment is not None:
-                warped = _teacher_in_student_frame(teacher_map, batch.aug_from_lidar, self.teacher_grid,
-                                                   self.student.cfg.bev_grid)
+                warped = _teacher_in_student_frame(teacher_map, batch.aug_from_lidar, t.map_from_lidar,
+                                                   self.teacher_grid, self.student.cfg.bev_grid)
             if self.dense_mse is not None:
                 losses["dense_feature"] = self.dense_mse(out.bev_features, warped)
             if self.self_assessment is not None:
@@ -149,8 +149,8 @@ class DistillationModel(nn.Module):
                 stored = None
                 if t.map_cells is not None:
                     th, tw = self.teacher_grid.shape_hw
-                    stored = _teacher_in_student_frame(t.stored_mask(th, tw), batch.aug_from_lidar, self.teacher_grid,
-                                                       self.student.cfg.bev_grid) > 0.999
+                    stored = _teacher_in_student_frame(t.stored_mask(th, tw), batch.aug_from_lidar, t.map_from_lidar,
+                                                       self.teacher_grid, self.student.cfg.bev_grid) > 0.999
                 losses.update(self.self_assessment(out.bev_features, warped, stored))
         return losses
 
@@ -160,14 +160,18 @@ def weighted_losses(losses: dict[str, torch.Tensor], weight_dict: dict[str, floa
     return {k: weight_dict[k] * v for k, v in losses.items()}
 
 
-def _teacher_in_student_frame(teacher_map: torch.Tensor, aug_from_lidar: torch.Tensor, teacher_grid: BevGrid,
+def _teacher_in_student_frame(teacher_map: torch.Tensor, aug_from_lidar: torch.Tensor,
+                              map_from_lidar: torch.Tensor | None, teacher_grid: BevGrid,
                               student_grid: BevGrid) -> torch.Tensor:
-    """The teacher map resampled at the student's cell centres (augmented frame -> un-augmented via
-    inv(aug_from_lidar))."""
+    """The teacher map resampled at the student's cell centres: student (augmented) frame -> lidar frame via
+    inv(aug_from_lidar) -> the map's frame via ``map_from_lidar`` (None: identity, a canonical map)."""
     b = teacher_map.shape[0]
     centers = torch.from_numpy(student_grid.cell_centers_xy()).to(teacher_map).reshape(1, -1, 2).expand(b, -1, -1)
-    inv = torch.linalg.inv(aug_from_lidar.float())[:, :2, :2]  # BDA is linear (rotation, scale, flips) about the origin
-    xy = torch.einsum("bij,bnj->bni", inv, centers)
+    # BDA and the map frames are linear (rotation, scale, flips) about the origin.
+    to_map = torch.linalg.inv(aug_from_lidar.float())[:, :2, :2]
+    if map_from_lidar is not None:
+        to_map = map_from_lidar.float()[:, :2, :2] @ to_map
+    xy = torch.einsum("bij,bnj->bni", to_map, centers)
     feats, _ = sample_bev(teacher_map.float(), xy, teacher_grid)  # (B, H*W, C)
     h, w = student_grid.shape_hw
     return feats.transpose(1, 2).reshape(b, -1, h, w)
