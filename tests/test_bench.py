@@ -62,6 +62,22 @@ def test_tiny_bench_writes_json_table_and_plot(synth_root: Path, demo_teacher_ck
     assert "cells" not in dense and fg["cells"] > 0 and dense["features"] > fg["features"]
     assert "keypoints" not in dense and "keypoints" not in fg
 
+    # Under BDA: every mode against the online teacher on the same augmented samples; draws are exact (rounding
+    # only), flips exact under flips alone; each mode's bytes beside the canonical cache's.
+    bda = report["bda"]
+    assert set(bda["fidelity"]) == {"rotation", "scale", "flips", "full"}
+    for kind, row in bda["fidelity"].items():
+        assert set(row) == {"canonical", "flips", "draws"}, kind
+        for mode, f in row.items():
+            assert f["boxes"] > 0 and 0 <= f["inter_keypoint_target_rel_error"] < 2, (kind, mode)
+            assert -1 <= f["keypoint_cosine"] <= 1 + 1e-6, (kind, mode)
+        # (The inter-channel target's rows of near-zero channels amplify the float16 rounding: not asserted.)
+        assert row["draws"]["keypoint_cosine"] > 0.999 and row["draws"]["inter_keypoint_target_rel_error"] < 1e-3
+    flips = bda["fidelity"]["flips"]
+    assert flips["flips"]["keypoint_cosine"] > 0.999 and flips["flips"]["inter_keypoint_target_rel_error"] < 1e-3
+    assert bda["sizes"]["canonical"]["over_canonical"] == 1.0 and bda["sizes"]["flips"]["maps"] == 4
+    assert bda["sizes"]["flips"]["over_canonical"] > 2 and bda["sizes"]["draws"]["maps"] == 2
+
     g = report["growth"]
     assert g["factors"] == [1, 2] and g["samples"] == [1, 2]
     assert all(_positive(v) for v in g["extraction_s"] + g["training_s"])
@@ -73,7 +89,8 @@ def test_tiny_bench_writes_json_table_and_plot(synth_root: Path, demo_teacher_ck
         assert isinstance(goal["holds"], bool) and goal["value"] is not None
 
     table = (out / "bench.md").read_text()
-    for header in ("| training step |", "| loader |", "| extraction (", "| storage |", "| growth |", "| goal |"):
+    for header in ("| training step |", "| loader |", "| extraction (", "| storage |", "| BDA |", "| growth |",
+                   "| goal |"):
         assert header in table
     assert "TiG-BEV from the cache" in table and "foreground-int8" in table
     assert (out / "bench.png").stat().st_size > 0

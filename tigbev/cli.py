@@ -266,6 +266,13 @@ def extract_teacher(
     compression: Annotated[str | None, typer.Option(help=(
         "'none' (fastest reads), 'zstd' (fewer bytes) or 'auto' (zstd for dense, none for foreground) "
         f"(default {_default(ExtractTeacherConfig, 'compression')})."))] = None,
+    variants: Annotated[str | None, typer.Option(help=(
+        "Teacher maps stored per sample: 'canonical' (un-augmented; BEV augmentation replayed on it), 'flips' "
+        "(the four x/y-flipped clouds: flips exact) or 'draws' (canonical + --draws stored BDA draws: exact) "
+        f"(default {_default(ExtractTeacherConfig, 'variants')})."))] = None,
+    draws: Annotated[int | None, typer.Option(min=1, help=(
+        f"With --variants draws: BDA draws per sample (default {_default(ExtractTeacherConfig, 'draws')})."))]
+    = None,
     shard_samples: Annotated[int | None, typer.Option(min=1, help=(
         "Samples per shard (unit of writing/resuming) "
         f"(default {_default(ExtractTeacherConfig, 'shard_samples')})."))] = None,
@@ -294,8 +301,8 @@ def extract_teacher(
     cfg = ExtractTeacherConfig(
         teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out_dir=out,
         shard_index=int(index), num_parts=int(count),
-        **_given(features=features, feature_dtype=feature_dtype, compression=compression,
-                 shard_samples=shard_samples, batch_size=batch_size,
+        **_given(features=features, feature_dtype=feature_dtype, compression=compression, variants=variants,
+                 draws=draws, shard_samples=shard_samples, batch_size=batch_size,
                  workers=workers, device=device, keypoint_grid=keypoint_grid, keypoint_enlarge_m=keypoint_enlarge_m),
     )
     result = stage.run(cfg)

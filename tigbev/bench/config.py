@@ -95,6 +95,8 @@ class BenchConfig:
             "growth": (1, 2) if tiny else tuple(self.growth),
             "loader_workers": (1, 2) if tiny else tuple(self.loader_workers),
             "keypoint_grid": preset_keypoint_grid(self.preset),
+            "bda_views": 1 if tiny else 4,
+            "bda_draws": 1 if tiny else 4,
         }
 
 

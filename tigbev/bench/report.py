@@ -93,6 +93,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
                      + " | ".join(f"{s['bytes_per_sample'].get(a, 0) / 1024:.0f}" for a in arrays)
                      + f" | {f['inter_keypoint_rel_error']:.1e} | {f['inter_channel_rel_error']:.1e} | "
                        f"{f['keypoint_features_rel_error']:.1e} |")
+    lines += bda_table(report["bda"]) if "bda" in report else []
     g = report["growth"]
     lines += ["", "| growth | " + " | ".join(f"{f}x ({n} samples)" for f, n in zip(g["factors"], g["samples"]))
               + " |", "|---|" + "---|" * len(g["factors"]),
@@ -113,6 +114,25 @@ def markdown_tables(report: dict[str, Any]) -> str:
         lines.append(f"| {goal['description']} | {op} {goal['target']:g} | {goal['value']:.3g}{where} | "
                      f"{'yes' if goal['holds'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def bda_table(bda: dict[str, Any]) -> list[str]:
+    """Markdown lines: each cache mode's fidelity to the online teacher under each BDA kind, and its bytes."""
+    sizes = bda["sizes"]
+    modes = list(sizes)
+    lines = ["", (f"Under BEV augmentation ({bda['samples']} samples x {bda['views_per_sample']} augmented views; "
+                  f"reference: {bda['reference']}). Per box, mean over boxes: relative error of the inter-keypoint "
+                  "(L_kp) and inter-channel (L_ch) targets, and the keypoint features' cosine."), "",
+             "| BDA | " + " | ".join(f"{m}: L_kp err. / L_ch err. / cosine" for m in modes) + " |",
+             "|---|" + "---|" * len(modes)]
+    for kind, row in bda["fidelity"].items():
+        lines.append(f"| {kind} | " + " | ".join(
+            f"{row[m]['inter_keypoint_target_rel_error']:.3f} / {row[m]['inter_channel_target_rel_error']:.3f} / "
+            f"{row[m]['keypoint_cosine']:.3f}" for m in modes) + " |")
+    lines.append("| KiB/sample (x canonical) | " + " | ".join(
+        f"{sizes[m]['bytes_per_sample'] / 1024:.0f} ({sizes[m]['over_canonical']:.2f}x, {sizes[m]['maps']} maps)"
+        for m in modes) + " |")
+    return lines
 
 
 def plot_report(report: dict[str, Any], path: Path) -> Path:

@@ -15,6 +15,7 @@ from tigbev.bench.config import (
     cycle,
     median,
 )
+from tigbev.bench.bda import AUG_KINDS, bench_bda
 from tigbev.bench.extraction import bench_extraction, bench_storage
 from tigbev.bench.growth import camera_loader_rate, train_epoch
 from tigbev.bench.loader import bench_loader
@@ -71,7 +72,7 @@ def run(cfg: BenchConfig) -> BenchResult:
         "teacher": teacher_desc,
         "provenance": provenance(),
     }
-    sections = 3 + res["repeats"] + len(STORAGE_OPTIONS) + 2 * len(res["growth"])
+    sections = 4 + res["repeats"] + len(STORAGE_OPTIONS) + 2 * len(res["growth"]) + len(AUG_KINDS)
     bar = tqdm(total=sections, desc=f"bench {cfg.preset}", unit="part", disable=not cfg.progress)
 
     # The cache every later section reads (foreground float16: the default storage).
@@ -95,6 +96,11 @@ def run(cfg: BenchConfig) -> BenchResult:
     # 4. Storage options and their fidelity.
     report["storage"] = bench_storage(ckpt, dataroot, split, base, work, preset=cfg.preset, keypoint_grid=grid,
                                       device=cfg.device, seed=cfg.seed, bar=bar)
+
+    # 4b. Fidelity of each cache mode under BEV augmentation, against the online teacher on the same samples.
+    report["bda"] = bench_bda(ckpt, dataroot, split, base, work, preset=cfg.preset, keypoint_grid=grid,
+                              device=cfg.device, seed=cfg.seed, views=res["bda_views"], draws=res["bda_draws"],
+                              bar=bar)
 
     # 5. Growth (and the loader wait fraction from its training epochs).
     growth: dict[str, Any] = {"factors": list(res["growth"]), "samples": [], "extraction_s": [],

@@ -59,7 +59,8 @@ def prepare_teacher(cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]]
 
 def extract(ckpt: Path, dataroot: Path, split: str, tokens: Sequence[str], out: Path, *, features: str = "foreground",
             dtype: str = "float16", compression: str = "auto", keypoint_grid: int, device: str,
-            shard_samples: int = 8, batch_size: int = 2, workers: int = 1):
+            shard_samples: int = 8, batch_size: int = 2, workers: int = 1, variants: str = "canonical",
+            draws: int = 4):
     from tigbev.config import ExtractTeacherConfig
     from tigbev.stages import extract_teacher
 
@@ -68,6 +69,7 @@ def extract(ckpt: Path, dataroot: Path, split: str, tokens: Sequence[str], out: 
     batch_size = math.gcd(batch_size, shard_samples)
     ecfg = ExtractTeacherConfig(teacher_checkpoint=ckpt, dataroot=dataroot, split=split, out_dir=str(out),
                                 features=features, feature_dtype=dtype, compression=compression, workers=workers,
+                                variants=variants, draws=draws,
                                 device=device,
                                 shard_samples=shard_samples, batch_size=batch_size, keypoint_grid=keypoint_grid)
     return extract_teacher.run(ecfg, progress=False, tokens=tokens)

@@ -43,7 +43,12 @@ from tigbev.cache.store import (
     write_json_file,
 )
 from tigbev.config import ExtractTeacherConfig
-from tigbev.data.augment import BevAugmentPolicy, similarity_apply_xy, variant_transforms
+from tigbev.data.augment import (
+    BevAugmentPolicy,
+    similarity_apply_points,
+    similarity_apply_xy,
+    variant_transforms,
+)
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.targets import depth_points, training_boxes
 from tigbev.geometry import BevGrid
@@ -101,10 +106,14 @@ class _ExtractDataset(Dataset):
         transforms = variant_transforms(self.variants.kind, self.variants.count, policy=_draw_policy(self.cfg),
                                         seed=self.cfg.draw_seed, sample_idx=i)
         points = frame.lidar.points
+        # The points move by the matrix as stored (float32), so a reader that replays a stored frame on the points
+        # (the online teacher, a bench) computes exactly the teacher's input.
+        frames = [t.matrix.astype(np.float32) for t in transforms]
         return _Item(
             sample_idx=i, token=frame.token, scene=frame.scene_name, timestamp_us=frame.timestamp_us,
-            points=[torch.from_numpy(points if t.is_identity else t.apply_points(points)) for t in transforms],
-            frames=[t.matrix.astype(np.float32) for t in transforms],
+            points=[torch.from_numpy(points if t.is_identity else similarity_apply_points(m, points))
+                    for t, m in zip(transforms, frames)],
+            frames=frames,
             boxes=np.concatenate([boxes, labels[:, None]], axis=1).astype(np.float32),
             depth=depth, depth_per_camera=counts,
         )
