@@ -24,7 +24,14 @@ def test_rows_add_one_component_at_a_time() -> None:
     online = next(r for r in ABLATION_ROWS if r.source == "online")
     assert online.weights == LossWeights()  # full TiG-BEV, the published weights
     side = {r.key: r for r in ABLATION_ROWS if not r.in_chain}
-    assert set(side) == {"online", "keypoint_only"}
+    assert set(side) == {"online", "keypoint_only", "tig_flips", "tig_flips_int8", "tig_draws"}
+    for key in ("tig_flips", "tig_flips_int8", "tig_draws"):  # the full method, from another cache mode
+        assert side[key].weights == LossWeights() and side[key].source == "cache" and side[key].cache.variants != \
+            "canonical"
+    # Cache modes differ only under BDA: the plain table leaves them out, the augmented one is the [bda] comparison.
+    assert "tig_flips" not in AblateConfig(out_dir=Path("x")).rows
+    assert AblateConfig(out_dir=Path("x"), augment=True).rows == ("baseline", "online", "inter_keypoint", "tig_flips",
+                                                                  "tig_draws")
     alone = side["keypoint_only"].weights  # the full set less inner-depth and inter-channel
     assert (alone.inner_depth, alone.inter_channel) == (0.0, 0.0)
     assert dataclasses.replace(alone, inner_depth=1.0, inter_channel=10.0) == LossWeights()
@@ -123,3 +130,27 @@ def test_tiny_study_world_pretrains_one_backbone_that_every_row_starts_from(tmp_
     again = CliRunner().invoke(app, args)  # every stage and row is reused
     assert again.exit_code == 0, again.output
     assert backbone.stat().st_mtime_ns == stamp
+
+
+def test_tiny_bda_comparison_trains_every_row_augmented_from_its_own_cache(tmp_path: Path) -> None:
+    out = tmp_path / "bda"
+    args = ["ablate", "--preset", "demo", "--out", str(out), "--tiny", "--workers", "0", "--seeds", "0", "--augment",
+            "--rows", "online,inter_keypoint,tig_flips,tig_draws"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "ablation-aug.json").read_text())
+    assert table["augment"] is True and not (out / "ablation.json").exists()
+    assert [r["key"] for r in table["rows"]] == ["inter_keypoint", "online", "tig_flips", "tig_draws"]
+    caches = {"inter_keypoint": "cache-train", "tig_flips": "cache-train-flips", "tig_draws": "cache-train-draws4"}
+    for key, cache in caches.items():
+        cfg = json.loads((out / f"student-ablate-aug-{key}-s0" / "config.json").read_text())["train"]
+        assert cfg["augment"] is True and cfg["cache"] == str(out / cache), key
+    assert json.loads((out / "student-ablate-aug-online-s0" / "config.json").read_text())["train"]["augment"]
+    from tigbev.cache.store import CacheReader
+
+    assert CacheReader(str(out / "cache-train-flips")).manifest.variants.count == 4
+    assert CacheReader(str(out / "cache-train-draws4")).manifest.variants.count == 5
+    assert {"extract-teacher-flips", "extract-teacher-draws4"} <= set(table["stages"])
+    pairs = {(h["row"], h["reference"]) for h in table["headlines"]}
+    assert {("inter_keypoint", "online"), ("tig_flips", "online"), ("tig_draws", "online")} <= pairs
+    assert "flip-variant cache over the online teacher" in (out / "ablation-aug.md").read_text()

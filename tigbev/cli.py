@@ -23,6 +23,7 @@ from tigbev.config import (
     TrainStudentConfig,
 )
 from tigbev.errors import TigbevError
+from tigbev.pipeline.ablate import BDA_ROWS as _BDA_ROWS
 from tigbev.pipeline.ablate import AblateConfig as _AblateConfig
 from tigbev.pipeline.demo import DemoConfig as _DemoConfig
 
@@ -439,7 +440,12 @@ def ablate(
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds; the table shows their mean (default "
                                                    + ",".join(map(str, _default(_AblateConfig, "seeds")))
                                                    + ").")] = None,
-    rows: Annotated[str | None, typer.Option(help="Comma-separated row keys (default: all).")] = None,
+    rows: Annotated[str | None, typer.Option(help=(
+        "Comma-separated row keys (default: every row; with --augment the BDA comparison: "
+        f"{','.join(_BDA_ROWS)})."))] = None,
+    augment: Annotated[bool, typer.Option(help=(
+        "Train every row with the published image augmentation and BDA; the rows then compare the online "
+        "teacher with each cache mode (ablation-aug.*)."))] = False,
     teacher_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the preset's.")] = None,
     student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the preset's.")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help=f"(default {_default(_AblateConfig, 'workers')})")]
@@ -456,9 +462,10 @@ def ablate(
     given = _given(preset=preset, teacher_epochs=teacher_epochs, student_epochs=student_epochs, workers=workers,
                    seeds=None if seeds is None else tuple(int(s) for s in seeds.split(",") if s.strip()),
                    rows=None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()))
-    result = run(_AblateConfig(out_dir=out, tiny=tiny, **given))
+    result = run(_AblateConfig(out_dir=out, tiny=tiny, augment=augment, **given))
     typer.echo(ablation_table(result))
-    typer.echo(f"table: {out / 'ablation.md'}, chart: {out / 'ablation.png'}")
+    stem = "ablation-aug" if augment else "ablation"
+    typer.echo(f"table: {out / f'{stem}.md'}, chart: {out / f'{stem}.png'}")
 
 
 @app.command("bench")

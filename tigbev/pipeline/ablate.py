@@ -9,6 +9,11 @@ directory), then the camera student trained with each loss component added in tu
 
 Every row is evaluated on synth_val with the official metrics; the table (mean and spread over seeds) goes to
 ``ablation.json`` / ``ablation.md`` and a bar chart to ``ablation.png``. Finished rows are reused on rerun.
+
+With ``augment`` (the [bda] question) every student trains with the published image augmentation and BDA, and the
+rows compare the published online teacher (the teacher on the augmented points) with each cache mode: canonical
+(BDA replayed on the stored map), the four flipped maps, and stored BDA draws; the table goes to
+``ablation-aug.*``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Literal
 
 from tigbev.config import LossWeights
 from tigbev.pipeline.demo import (
+    CacheChoice,
     DemoConfig,
     prepare_world,
     train_demo_student,
@@ -28,7 +34,7 @@ from tigbev.pipeline.demo import (
 )
 from tigbev.utils.provenance import write_json_atomic
 
-__all__ = ["ABLATION_ROWS", "HEADLINES", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table",
+__all__ = ["ABLATION_ROWS", "BDA_ROWS", "HEADLINES", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table",
            "headline_deltas", "run"]
 
 
@@ -40,6 +46,8 @@ class AblationRow:
     source: Literal["none", "cache", "online"]
     in_chain: bool = True
     """Part of the chain that adds one component per row; ``False``: a side row (another teacher, or a leave-out)."""
+    cache: CacheChoice = CacheChoice()
+    """Which of the world's caches the row reads (``source='cache'``)."""
 
 
 _OFF = LossWeights(depth=0.0, inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0, dense_feature=0.0,
@@ -60,7 +68,18 @@ ABLATION_ROWS: tuple[AblationRow, ...] = (
     AblationRow("online", "TiG-BEV, online teacher", _TIG, "online", in_chain=False),
     AblationRow("keypoint_only", "inter-keypoint alone (+ dense depth)",
                 dataclasses.replace(_DEPTH, inter_keypoint=100.0), "cache", in_chain=False),
+    AblationRow("tig_flips", "TiG-BEV, flip-variant cache", _TIG, "cache", in_chain=False,
+                cache=CacheChoice(variants="flips")),
+    AblationRow("tig_flips_int8", "TiG-BEV, flip-variant cache, int8", _TIG, "cache", in_chain=False,
+                cache=CacheChoice(variants="flips", feature_dtype="int8")),
+    AblationRow("tig_draws", "TiG-BEV, 4 stored BDA draws", _TIG, "cache", in_chain=False,
+                cache=CacheChoice(variants="draws", draws=4)),
 )
+_VARIANT_ROWS = ("tig_flips", "tig_flips_int8", "tig_draws")
+"""Rows that differ from ``inter_keypoint`` only under BDA (without it every cache mode trains on its canonical
+map): trained by default only with ``augment``."""
+BDA_ROWS: tuple[str, ...] = ("baseline", "online", "inter_keypoint", "tig_flips", "tig_draws")
+"""The default rows with ``augment``: the [bda] issue's comparison."""
 
 PUBLISHED: dict[str, str] = {
     "depth": "BEVDepth's depth supervision (the paper's base)",
@@ -80,6 +99,10 @@ HEADLINES: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = (
     ("inner_depth", "depth", "chain: + inner-depth (over + dense depth)", None),
     ("inter_channel", "inner_depth", "chain: + inter-channel (over + inner-depth)", None),
     ("inter_keypoint", "inter_channel", "chain: + inter-keypoint (over + inter-channel)", None),
+    ("inter_keypoint", "online", "canonical cache over the online teacher (BDA replayed on the map)", None),
+    ("tig_flips", "online", "flip-variant cache over the online teacher", None),
+    ("tig_flips_int8", "online", "flip-variant cache (int8) over the online teacher", None),
+    ("tig_draws", "online", "stored BDA draws over the online teacher", None),
 )
 """(row, reference row, reading, published (mAP, NDS) points or None): the comparisons METHOD.md section 6 reports,
 two the paper does not, and each step of the chain (what every component adds to the rows before it)."""
@@ -101,11 +124,17 @@ class AblateConfig:
     student_epochs: int | None = None
     """Default: the preset's."""
     workers: int = 1
-    rows: tuple[str, ...] = tuple(r.key for r in ABLATION_ROWS)
-    """Row keys to train (default: all); the table keeps ABLATION_ROWS' order."""
+    rows: tuple[str, ...] | None = None
+    """Row keys to train (default: every row, or :data:`BDA_ROWS` with ``augment``); the table keeps
+    ABLATION_ROWS' order."""
+    augment: bool = False
+    """Train every row with the published image augmentation and BDA (the [bda] comparison)."""
     tiny: bool = False
 
     def __post_init__(self) -> None:
+        if self.rows is None:
+            object.__setattr__(self, "rows", BDA_ROWS if self.augment else tuple(
+                r.key for r in ABLATION_ROWS if r.key not in _VARIANT_ROWS))
         world_preset(self.preset)  # names an unknown preset
         known = {r.key for r in ABLATION_ROWS}
         unknown = [r for r in self.rows if r not in known]
@@ -119,6 +148,8 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every row for every seed (reusing finished ones); write the table and the chart."""
     overrides = {k: v for k, v in (("teacher_epochs", cfg.teacher_epochs), ("student_epochs", cfg.student_epochs))
                  if v is not None}
+    if cfg.augment:
+        overrides["student_augment"] = True
     demo = DemoConfig(out_dir=cfg.out_dir, seed=cfg.seeds[0], workers=cfg.workers, tiny=cfg.tiny,
                       **{**world_preset(cfg.preset), **overrides})
     world = prepare_world(demo, progress=progress)
@@ -129,9 +160,11 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
         per_seed = []
         for seed in cfg.seeds:
             # The demo's two students are rows of this table (same weights, source, seed and budget): reused.
-            name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed and cfg.preset == "demo" else None
-            m = train_demo_student(demo, world, name or f"ablate-{row.key}-s{seed}", row.weights, row.source,
-                                   seed=seed, progress=progress)
+            name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed and cfg.preset == "demo" and not cfg.augment \
+                else None
+            prefix = "ablate-aug" if cfg.augment else "ablate"
+            m = train_demo_student(demo, world, name or f"{prefix}-{row.key}-s{seed}", row.weights, row.source,
+                                   seed=seed, cache=row.cache, progress=progress)
             per_seed.append({k: m[k] for k in (*_METRICS, "step_s")})
         summary = {k: statistics.fmean(s[k] for s in per_seed) for k in (*_METRICS, "step_s")}
         spread = {k: (max(s[k] for s in per_seed) - min(s[k] for s in per_seed)) / 2 for k in _METRICS}
@@ -139,11 +172,12 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
                      "weights": dataclasses.asdict(row.weights), "mean": summary, "half_range": spread,
                      "per_seed": dict(zip(map(str, cfg.seeds), per_seed)), "published": PUBLISHED.get(row.key, "")})
     result = {"preset": cfg.preset, "seeds": list(cfg.seeds), "student_epochs": demo.student_epochs, "rows": rows,
-              "stages": world.stages}
+              "augment": cfg.augment, "stages": world.stages}
     result["headlines"] = headline_deltas(result)
-    write_json_atomic(cfg.out_dir / "ablation.json", result)
-    (cfg.out_dir / "ablation.md").write_text(ablation_table(result))
-    plot_ablation(cfg.out_dir / "ablation.png", result)
+    stem = "ablation-aug" if cfg.augment else "ablation"
+    write_json_atomic(cfg.out_dir / f"{stem}.json", result)
+    (cfg.out_dir / f"{stem}.md").write_text(ablation_table(result))
+    plot_ablation(cfg.out_dir / f"{stem}.png", result)
     return result
 
 
@@ -154,6 +188,9 @@ def headline_deltas(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for key, ref, reading, published in HEADLINES:
         if key not in by_key or ref not in by_key:
+            continue
+        # One direction of the cache-vs-online comparison per table: the cache's over the teacher's under BDA.
+        if (key, ref) == (("online", "inter_keypoint") if result.get("augment") else ("inter_keypoint", "online")):
             continue
         seeds = [s for s in by_key[key]["per_seed"] if s in by_key[ref]["per_seed"]]
         if not seeds:

@@ -20,8 +20,8 @@ from tigbev.utils.run_dir import check_output_dir
 if TYPE_CHECKING:
     from tigbev.config import LossWeights
 
-__all__ = ["DEMO_KEYPOINT_GRID", "DemoConfig", "DemoWorld", "demo_output", "prepare_world", "run", "summary_table",
-           "train_demo_student", "world_preset"]
+__all__ = ["DEMO_KEYPOINT_GRID", "CacheChoice", "DemoConfig", "DemoWorld", "demo_output", "prepare_world", "run",
+           "summary_table", "train_demo_student", "world_cache", "world_preset"]
 
 # 12 x 12 keypoints per box instead of the published 24 x 24: the same formulas at a demo size. On 2 CPU cores the
 # 576 x 576 Gram matrices of ~30 boxes per sample cost more than the student itself (16x less at 144 keypoints).
@@ -64,9 +64,10 @@ def world_preset(name: str) -> dict[str, Any]:
 def demo_output(name: str) -> bool:
     """Whether a name in a demo (or ablation) directory is one that demo or ablate writes there."""
     return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json", "ablation.json",
-                     "ablation.md", "ablation.png", "levers.json", "levers.md",
-                     "loss_scale.json", "loss_scale.md")
-            or name.startswith(("student-", ".synth.partial-")) or (name.startswith(".") and ".json.tmp" in name))
+                     "ablation.md", "ablation.png", "ablation-aug.json", "ablation-aug.md", "ablation-aug.png",
+                     "levers.json", "levers.md", "loss_scale.json", "loss_scale.md")
+            or name.startswith(("student-", ".synth.partial-", "cache-train-"))
+            or (name.startswith(".") and ".json.tmp" in name))
 
 
 def _timed(stages: dict[str, float], name: str, done: Callable[[], bool], work: Callable[[], Any],
@@ -85,6 +86,23 @@ def _metrics(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class CacheChoice:
+    """Which teacher cache of the world a student reads: its map variants and storage (``extract-teacher``
+    ``--variants``, ``--draws``, ``--feature-dtype``). The default is the world's own cache (``cache-train``)."""
+
+    variants: Literal["canonical", "flips", "draws"] = "canonical"
+    feature_dtype: Literal["float16", "int8"] = "float16"
+    draws: int = 4
+
+    @property
+    def dirname(self) -> str:
+        if self.variants == "canonical" and self.feature_dtype == "float16":
+            return "cache-train"
+        kind = f"draws{self.draws}" if self.variants == "draws" else self.variants
+        return f"cache-train-{kind}" + ("" if self.feature_dtype == "float16" else f"-{self.feature_dtype}")
+
+
+@dataclass(frozen=True)
 class DemoWorld:
     """What the student runs share: the synthetic dataroot, the trained teacher and its cache of synth_train."""
 
@@ -100,15 +118,13 @@ class DemoWorld:
 
 def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
     """synth -> train-teacher -> extract-teacher in ``cfg.out_dir``, each stage skipped when already complete."""
-    from tigbev.cache.store import CacheError, CacheReader
     from tigbev.config import (
-        ExtractTeacherConfig,
         SynthConfig,
         TrainTeacherConfig,
         train_teacher_defaults,
     )
     from tigbev.data.synth.writer import write_synthetic_dataset
-    from tigbev.stages import extract_teacher, train_teacher
+    from tigbev.stages import train_teacher
 
     out = cfg.out_dir
     check_output_dir(out, owns=demo_output, what="tigbev demo / ablate")
@@ -133,19 +149,7 @@ def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
                resume=(teacher_dir / "last.pt").exists()), progress=progress), record)
 
     cache = out / "cache-train"
-
-    def cache_complete() -> bool:
-        try:
-            CacheReader(str(cache))
-            return True
-        except CacheError:
-            return False
-
-    _timed(stages, "extract-teacher", cache_complete,
-           lambda: extract_teacher.run(ExtractTeacherConfig(
-               teacher_checkpoint=teacher_dir / "last.pt", dataroot=data, split="synth_train", out_dir=str(cache),
-               workers=cfg.workers, shard_samples=2 if cfg.tiny else 8, batch_size=2,
-               keypoint_grid=DEMO_KEYPOINT_GRID), progress=progress), record)
+    _extract_cache(cfg, data, teacher_dir, cache, CacheChoice(), stages, record, progress)
     backbone = None
     if cfg.pretrain_epochs > 0:
         from tigbev.config import PretrainBackboneConfig
@@ -163,20 +167,53 @@ def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
                      record=record)
 
 
+def _extract_cache(cfg: DemoConfig, data: Path, teacher_dir: Path, cache: Path, choice: CacheChoice,
+                   stages: dict[str, float], record: Path, progress: bool) -> None:
+    from tigbev.cache.store import CacheError, CacheReader
+    from tigbev.config import ExtractTeacherConfig
+    from tigbev.stages import extract_teacher
+
+    def cache_complete() -> bool:
+        try:
+            CacheReader(str(cache))
+            return True
+        except CacheError:
+            return False
+
+    name = "extract-teacher" + ("" if choice == CacheChoice() else f"-{choice.dirname.removeprefix('cache-train-')}")
+    _timed(stages, name, cache_complete,
+           lambda: extract_teacher.run(ExtractTeacherConfig(
+               teacher_checkpoint=teacher_dir / "last.pt", dataroot=data, split="synth_train", out_dir=str(cache),
+               workers=cfg.workers, shard_samples=2 if cfg.tiny else 8, batch_size=2,
+               keypoint_grid=DEMO_KEYPOINT_GRID, variants=choice.variants, draws=choice.draws,
+               feature_dtype=choice.feature_dtype), progress=progress), record)
+
+
+def world_cache(cfg: DemoConfig, world: DemoWorld, choice: CacheChoice, *, progress: bool = True) -> Path:
+    """The world's teacher cache of ``choice`` (``out_dir/cache-train[-<kind>]``), extracted on first use."""
+    if choice == CacheChoice():
+        return world.cache
+    cache = cfg.out_dir / choice.dirname
+    _extract_cache(cfg, world.data, world.teacher_dir, cache, choice, world.stages, world.record, progress)
+    return cache
+
+
 def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: LossWeights,
                        source: Literal["none", "cache", "online"], *, seed: int | None = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       cache: CacheChoice = CacheChoice(), progress: bool = True) -> dict[str, Any]:
     """Train (or reuse) one demo student in ``out_dir/student-<name>`` with the demo's budget; evaluate it on
-    synth_val. Returns its metrics.json plus ``step_s`` (mean train step, seconds)."""
+    synth_val. ``cache``: which of the world's caches a ``source='cache'`` student reads. Returns its metrics.json
+    plus ``step_s`` (mean train step, seconds)."""
     from tigbev.config import TrainStudentConfig
     from tigbev.stages import train_student
 
     run_dir = cfg.out_dir / f"student-{name}"
 
     def train() -> None:
+        cache_dir = world_cache(cfg, world, cache, progress=progress) if source == "cache" else None
         result = train_student.run(TrainStudentConfig(
             preset="demo", dataroot=world.data, split="synth_train", out_dir=run_dir, val_split="synth_val",
-            cache=str(world.cache) if source == "cache" else None, teacher=source,
+            cache=None if cache_dir is None else str(cache_dir), teacher=source,
             teacher_checkpoint=world.teacher_dir / "last.pt" if source == "online" else None, weights=weights,
             keypoint_grid=DEMO_KEYPOINT_GRID, backbone_weights=world.backbone,
             epochs=cfg.student_epochs, batch_size=2, lr=cfg.student_lr, warmup_steps=cfg.student_warmup_steps,
