@@ -17,7 +17,7 @@ A cache is a zarr v3 group (a local path or an fsspec URL)::
 
 A sample's record is its sections, each starting at a multiple of ``SECTION_ALIGN`` bytes (:meth:`Manifest.sections`):
 ``boxes`` (M, 10) float32 and ``depth`` (P, 5) float32, then for each stored teacher-map variant (``variants``:
-the canonical map, later also flipped or augmented views) ``aug_from_lidar`` (1, 4, 4) float32 (the variant's
+the canonical map, the four flipped views, or stored BDA draws) ``aug_from_lidar`` (1, 4, 4) float32 (the variant's
 frame: identity for the canonical map), ``scale`` (1, C) float32 (per-channel scale), and ``cells`` (F,) int32 +
 ``features`` (F, C) (foreground mode) or ``features`` (1, C, H, W) (dense mode), float16 or int8. One sample is one
 contiguous byte range, so a read is one ranged read of the shard file plus one checksum per inner chunk. Keypoints
