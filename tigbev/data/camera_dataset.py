@@ -315,4 +315,5 @@ def _collate_teacher(items: Sequence[CameraSample]) -> TeacherTargets:
             f = len(s.map_cells)
             cells[i, :f], feats[i, :f] = s.map_cells, s.map_features
     return TeacherTargets(kp_teacher_xy=kp_t, kp_student_xy=kp_s, box_mask=box_mask, map_cells=cells,
-                          map_features=feats, map_from_lidar=torch.stack([s.map_from_lidar for s in items]))
+                          map_features=feats, map_from_lidar=None if all(s.map_from_lidar is None for s in items) else torch.stack(
+                              [torch.eye(4) if s.map_from_lidar is None else s.map_from_lidar for s in items]))
