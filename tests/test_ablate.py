@@ -154,3 +154,20 @@ def test_tiny_bda_comparison_trains_every_row_augmented_from_its_own_cache(tmp_p
     pairs = {(h["row"], h["reference"]) for h in table["headlines"]}
     assert {("inter_keypoint", "online"), ("tig_flips", "online"), ("tig_draws", "online")} <= pairs
     assert "flip-variant cache over the online teacher" in (out / "ablation-aug.md").read_text()
+
+
+def test_tiny_temporal_ablation_with_cbgs_keeps_its_own_students_and_table(tmp_path: Path) -> None:
+    out = tmp_path / "temporal"
+    args = ["ablate", "--preset", "demo", "--out", str(out), "--tiny", "--workers", "0", "--seeds", "0",
+            "--rows", "depth,inter_keypoint", "--frames", "2", "--sampler", "cbgs"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "ablation-f2-cbgs.json").read_text())
+    assert table["frames"] == 2 and table["sampler"] == "cbgs" and not (out / "ablation.json").exists()
+    for key in ("depth", "inter_keypoint"):
+        run = json.loads((out / f"student-ablate-f2-cbgs-{key}-s0" / "config.json").read_text())
+        assert run["train"]["frames"] == 2 and run["student"]["frames"] == 2
+        assert run["sampling"]["sampler"] == "cbgs" and run["sampling"]["epoch_size"] > 0
+    assert "2 key frames, CBGS" in (out / "ablation-f2-cbgs.md").read_text()
+    # The single-frame table of the same world is another set of students: nothing above is reused by it.
+    assert not (out / "student-ablate-depth-s0").exists()

@@ -24,18 +24,20 @@ def _positive(x: object) -> bool:
 def test_tiny_bench_writes_json_table_and_plot(synth_root: Path, demo_teacher_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     res = CliRunner().invoke(app, ["bench", "--preset", "demo", "--tiny", "--out", str(out), "--dataroot",
-                                   str(synth_root), "--teacher-checkpoint", str(demo_teacher_ckpt), "--device", "cpu"])
+                                   str(synth_root), "--teacher-checkpoint", str(demo_teacher_ckpt), "--device", "cpu",
+                                   "--frames", "2"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     report = json.loads((out / "bench.json").read_text())
     assert {"step", "loader", "extraction", "storage", "growth", "goals", "peak_memory_method", "teacher"} <= set(report)
     assert report["teacher"]["random_weights"] is False  # a checkpoint was given
 
-    assert set(report["step"]) == set(MODES)
+    assert set(report["step"]) == {*MODES, "cache_2f"}  # --frames 2: the temporal student timed beside the rest
     for mode, s in report["step"].items():
         assert _positive(s["median_step_s"]) and _positive(s["ratio_to_none"]), mode
         assert _positive(s["peak_memory_bytes"]) and s["peak_memory_bytes"] >= s["setup_peak_bytes"], mode
     assert report["step"]["none"]["ratio_to_none"] == 1.0
     assert report["step"]["none"]["median_targets_s"] < report["step"]["online"]["median_targets_s"]
+    assert "2 key frames" in (out / "bench.md").read_text()
 
     ld = report["loader"]
     assert _positive(ld["cache_read_s_per_sample"]) and _positive(ld["memmap_read_s_per_sample"])

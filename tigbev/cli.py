@@ -357,6 +357,12 @@ def train_student(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
     no_augment: Annotated[bool, typer.Option(help="Disable image and BEV augmentation.")] = False,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
+    frames: Annotated[int | None, typer.Option(min=1, help=(
+        "Key frames per sample, the current one included: 2 for BEVDet4D / BEVDepth4D "
+        f"(default {_default(TrainStudentConfig, 'frames')})."))] = None,
+    sampler: Annotated[str | None, typer.Option(help=(
+        "'uniform' or 'cbgs' (class-balanced grouping and sampling, as mmdet3d's CBGSDataset) "
+        f"(default {_default(TrainStudentConfig, 'sampler')})."))] = None,
 ) -> None:
     """Train a camera student with the TiG-BEV losses from the cache (or the online teacher, or none)."""
     from tigbev.stages import train_student as stage
@@ -370,11 +376,11 @@ def train_student(
         teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
         weights=weights, val_split=val_split, resume=resume, augment=not no_augment, max_steps=max_steps,
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device,
-                 keypoint_grid=keypoint_grid),
+                 keypoint_grid=keypoint_grid, frames=frames, sampler=sampler),
     )
     result = stage.run(cfg)
     typer.echo(f"student: {result.steps} steps in {result.seconds:.0f} s ({result.mean_step_s:.2f} s/step), "
-               f"checkpoint {result.checkpoint}")
+               f"{result.epoch_size} samples per epoch ({cfg.sampler}), checkpoint {result.checkpoint}")
     if result.metrics is not None:
         typer.echo(f"{val_split}: mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
 
@@ -450,6 +456,10 @@ def ablate(
     student_epochs: Annotated[int | None, typer.Option(min=1, help="Default: the preset's.")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help=f"(default {_default(_AblateConfig, 'workers')})")]
     = None,
+    frames: Annotated[int | None, typer.Option(min=1, help=(
+        "Key frames per student sample (2: BEVDet4D / BEVDepth4D); tables ablation-f<N>.* (default 1)."))] = None,
+    sampler: Annotated[str | None, typer.Option(help=(
+        "'uniform' or 'cbgs' (class-balanced sampling) for every student (default uniform)."))] = None,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every row.")] = False,
 ) -> None:
     """The paper's ablation in miniature: each loss component added in turn, same seeds and budget, evaluated."""
@@ -460,11 +470,13 @@ def ablate(
             f"--preset {preset!r}: the ablation runs on synthetic worlds only ('demo' or 'study'); on real data "
             "train one `tigbev train-student` per row with the --w-* weights and score each with `tigbev evaluate`"))
     given = _given(preset=preset, teacher_epochs=teacher_epochs, student_epochs=student_epochs, workers=workers,
+                   frames=frames, sampler=sampler,
                    seeds=None if seeds is None else tuple(int(s) for s in seeds.split(",") if s.strip()),
                    rows=None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()))
-    result = run(_AblateConfig(out_dir=out, tiny=tiny, augment=augment, **given))
+    cfg = _AblateConfig(out_dir=out, tiny=tiny, augment=augment, **given)
+    result = run(cfg)
     typer.echo(ablation_table(result))
-    stem = "ablation-aug" if augment else "ablation"
+    stem = f"ablation{cfg.tag}"
     typer.echo(f"table: {out / f'{stem}.md'}, chart: {out / f'{stem}.png'}")
 
 
@@ -488,6 +500,8 @@ def bench(
     device: Annotated[str | None, typer.Option(
         help=f"'auto', 'cpu' or 'cuda[:N]' (default {_default(_BenchConfig, 'device')}).")] = None,
     seed: Annotated[int | None, typer.Option(help=f"(default {_default(_BenchConfig, 'seed')})")] = None,
+    frames: Annotated[int | None, typer.Option(min=1, help=(
+        "Also time the cache mode's step with this many key frames per sample (BEVDet4D: 2)."))] = None,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration (tests).")] = False,
 ) -> None:
     """Cost of distillation with and without the cache: steps, loader, extraction, storage, growth; side by side."""
@@ -495,7 +509,8 @@ def bench(
 
     result = run(_BenchConfig(preset=preset, out_dir=out, tiny=tiny,  # type: ignore[arg-type]
                               **_given(dataroot=dataroot, split=split, teacher_checkpoint=teacher_checkpoint,
-                                       repeats=repeats, steps=steps, samples=samples, device=device, seed=seed)))
+                                       repeats=repeats, steps=steps, samples=samples, device=device, seed=seed,
+                                       frames=frames)))
     typer.echo(result.markdown_path.read_text())
     typer.echo(f"wrote {result.json_path}, {result.markdown_path}, {result.plot_path}")
 

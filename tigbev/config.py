@@ -343,6 +343,12 @@ class TrainStudentConfig(_TrainLoopConfig):
     lr: float = 2e-4
     grad_clip: float = 5.0
     warmup_steps: int = 50
+    frames: int = 1
+    """Key frames per sample, the current one included (BEVDet4D / BEVDepth4D: 2); the teacher targets and the
+    depth supervision stay the current frame's, so one cache serves any count."""
+    sampler: Literal["uniform", "cbgs"] = "uniform"
+    """'uniform': each sample once per epoch; 'cbgs': class-balanced grouping and sampling (mmdet3d's CBGSDataset),
+    samples repeated by class frequency, the repeat list fixed by the seed."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -366,6 +372,8 @@ class TrainStudentConfig(_TrainLoopConfig):
                  "teacher='online' needs --teacher-checkpoint")
         _require(self.keypoint_grid >= 2, name, "keypoint_grid", f"must be >= 2, got {self.keypoint_grid}")
         _require(self.warmup_steps >= 0, name, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.frames >= 1, name, "frames", f"must be >= 1 (the current key frame), got {self.frames}")
+        _require(self.sampler in ("uniform", "cbgs"), name, "sampler", f"'uniform' or 'cbgs', got {self.sampler!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -63,6 +63,9 @@ class BenchConfig:
     loader_workers: tuple[int, ...] = (1, 2, 4)
     device: str = "auto"
     seed: int = 0
+    frames: int = 1
+    """With > 1 the step comparison also times the cache mode with that many key frames per sample (BEVDet4D),
+    side by side with the single-frame modes (mode ``cache_<N>f``)."""
     tiny: bool = False
     """Seconds-long smoke configuration (tests): tiny synthetic world, 1 repeat, 1 step, growth 1x/2x."""
     progress: bool = True
@@ -74,6 +77,8 @@ class BenchConfig:
         if self.preset == "nuscenes" and self.dataroot is None:
             raise ValueError("BenchConfig.dataroot: the nuscenes preset needs --dataroot (a nuScenes-format dataroot, "
                              "e.g. ../shared/data/nuscenes-real-slice)")
+        if self.frames < 1:
+            raise ValueError(f"BenchConfig.frames must be >= 1, got {self.frames}")
         if self.repeats < 1:
             raise ValueError(f"BenchConfig.repeats must be >= 1, got {self.repeats}")
         for name in ("steps", "samples", "rate_samples"):
@@ -97,6 +102,7 @@ class BenchConfig:
             "keypoint_grid": preset_keypoint_grid(self.preset),
             "bda_views": 1 if tiny else 4,
             "bda_draws": 1 if tiny else 4,
+            "frames": self.frames,
         }
 
 

@@ -85,6 +85,8 @@ def run(cfg: BenchConfig) -> BenchResult:
                               "tokens": tuple(base), "teacher_checkpoint": str(ckpt), "keypoint_grid": grid,
                               "device": cfg.device, "seed": cfg.seed, "batches": min(n_base, res["steps"] + 1)}
     specs = {m: ModeSpec(mode=m, cache=cache_url if m == "cache" else None, **common) for m in MODES}
+    if cfg.frames > 1:  # a temporal student from the same cache
+        specs[f"cache_{cfg.frames}f"] = ModeSpec(mode="cache", cache=cache_url, frames=cfg.frames, **common)
     report["step"] = bench_steps(specs, repeats=res["repeats"], steps=res["steps"], progress=False)
     bar.update(1)
 

@@ -27,6 +27,7 @@ class ModeSpec:
     device: str
     seed: int
     batches: int
+    frames: int = 1
 
 
 def _mode_worker(conn: Any, spec: ModeSpec) -> None:
@@ -77,7 +78,7 @@ class _ModeState:
         tcfg = TrainStudentConfig(preset=spec.preset, dataroot=Path(spec.dataroot), split=spec.split,  # type: ignore
                                   out_dir=Path("unused"), cache=spec.cache, teacher=spec.mode,  # type: ignore
                                   teacher_checkpoint=spec.teacher_checkpoint, weights=weights, seed=spec.seed,
-                                  augment=True, keypoint_grid=spec.keypoint_grid)
+                                  augment=True, keypoint_grid=spec.keypoint_grid, frames=spec.frames)
         built = build_distillation(tcfg, self.device, tokens=spec.tokens)
         self.online, dataset = built.online, built.dataset
         self.teacher_hw = built.teacher_grid.shape_hw if built.teacher_grid is not None else (0, 0)

@@ -79,6 +79,18 @@ class CameraBatch:
     lidar_points: list[torch.Tensor] | None = None
     """Online teacher only: B x (P_i, 5) float32 multi-sweep LiDAR (x, y, z m, intensity, time lag s) in the
     un-augmented key lidar frame, read by the DataLoader workers."""
+    prev_images: torch.Tensor | None = None
+    """Temporal students only: (B, T-1, N, 3, H, W) the earlier key frames' images, nearest first, through the
+    current frame's image transforms (``aug_px_from_px``)."""
+    prev_intrinsics: torch.Tensor | None = None  # (B, T-1, N, 3, 3)
+    prev_cam_from_lidar: torch.Tensor | None = None
+    """(B, T-1, N, 4, 4): each earlier camera from the *current* un-augmented key lidar frame (through the global
+    frame, each sensor at its own time): the exact ego motion, so the earlier images lift into the current frame."""
+
+    @property
+    def frames(self) -> int:
+        """Key frames in the batch: 1 plus the earlier ones."""
+        return 1 if self.prev_images is None else 1 + self.prev_images.shape[1]
 
     def to(self, device: torch.device) -> CameraBatch:
         return CameraBatch(
@@ -90,4 +102,6 @@ class CameraBatch:
             teacher=None if self.teacher is None else self.teacher.to(device),
             lidar_points=None if self.lidar_points is None
             else [p.to(device, non_blocking=True) for p in self.lidar_points],
+            **{n: None if getattr(self, n) is None else getattr(self, n).to(device, non_blocking=True)
+               for n in ("prev_images", "prev_intrinsics", "prev_cam_from_lidar")},
         )

@@ -29,6 +29,8 @@ from tigbev.data.augment import BevAugmentPolicy, BevTransform, choose_variant, 
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL, NuScenesReader
+from tigbev.data.types import CameraView
+from tigbev.errors import DatasetError
 from tigbev.data.targets import depth_points, nearest_depth_map, training_boxes
 from tigbev.geometry import BevGrid, box_keypoints_xy
 
@@ -59,6 +61,9 @@ class CameraSample:
     map_cells: torch.Tensor | None = None  # (F,) int64 foreground mode; None in dense mode
     map_features: torch.Tensor | None = None  # (F, C) or (C, H, W) float16
     lidar_points: torch.Tensor | None = None  # (P, 5) float32 teacher LiDAR, un-augmented key frame (online teacher)
+    prev_images: torch.Tensor | None = None  # (T-1, N, 3, H, W) earlier key frames, nearest first (frames > 1)
+    prev_intrinsics: torch.Tensor | None = None  # (T-1, N, 3, 3)
+    prev_cam_from_lidar: torch.Tensor | None = None  # (T-1, N, 4, 4) earlier cameras from the *current* lidar frame
 
 
 class CameraDetectionDataset(Dataset):
@@ -88,6 +93,10 @@ class CameraDetectionDataset(Dataset):
             carries the teacher's multi-sweep points (``lidar_points``, un-augmented key lidar frame, metres), so
             the LiDAR is read in the DataLoader workers and not in the training process. Without a cache the same
             frame also gives the GT boxes and the depth points (its key sweep), so nothing is read twice.
+        frames: key frames per sample, the current one included (BEVDet4D: 2). Each sample then also carries the
+            ``frames - 1`` earlier key frames' images (:meth:`NuScenesReader.adjacent_key_samples`: the current one
+            at a scene's start) with their cameras' extrinsics from the current lidar frame. Teacher targets, depth
+            and boxes stay the current frame's, so a cache serves any ``frames``.
     """
 
     def __init__(self, reader: NuScenesReader, tokens: Sequence[str], *, cache: CacheReader | None,
@@ -95,8 +104,11 @@ class CameraDetectionDataset(Dataset):
                  bda_policy: BevAugmentPolicy | None, seed: int = 0, train: bool = True, split: str | None = None,
                  cache_grid: BevGrid | None = None, point_range_m: Sequence[float] | None = None,
                  min_depth_m: float = 0.5, lidar_reader: NuScenesReader | None = None,
-                 online_keypoints: tuple[int, float] | None = None):
+                 online_keypoints: tuple[int, float] | None = None, frames: int = 1):
         self.reader = reader
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1 (the current key frame), got {frames}")
+        self.frames = int(frames)
         if online_keypoints is not None and cache is not None:
             raise ValueError("online_keypoints is for training without a cache (a cache gives its keypoints, derived from its boxes)")
         self.online_keypoints = online_keypoints
@@ -154,21 +166,29 @@ class CameraDetectionDataset(Dataset):
         return img, aug_from_lidar
 
     def __getitem__(self, index: int) -> CameraSample:
+        return self.sample(index)
+
+    def sample(self, index: int, draw: int | None = None) -> CameraSample:
+        """Sample ``index`` with the augmentation of draw ``draw`` (default: ``index``): a sampler that repeats a
+        sample within an epoch (class-balanced sampling) gives each repeat its own draw."""
         token = self.tokens[index]
         if self.cache is not None:
             # Boxes and depth come from the cache: read only the camera records, not LiDAR or annotations.
             record = self.reader.nusc.get("sample", token)
-            views = {v.channel: v for v in self.reader.load_cameras(record, record["data"][LIDAR_CHANNEL])}
+            lidar_token = record["data"][LIDAR_CHANNEL]
+            views = {v.channel: v for v in self.reader.load_cameras(record, lidar_token)}
             frame = None
         else:
             frame = (self.lidar_reader or self.reader).load_sample(token)
+            lidar_token = frame.lidar_sample_data_token
             views = {v.channel: v for v in frame.cameras}
+        draw = index if draw is None else int(draw)
         lidar_points = None
         if self.lidar_reader is not None:
             lidar_frame = frame if frame is not None else self.lidar_reader.load_sample(token)
             lidar_points = torch.from_numpy(np.ascontiguousarray(lidar_frame.lidar.points, np.float32))
         cams = [views[ch] for ch in CAMERA_CHANNELS]
-        img_tfs, aug_from_lidar = self.transforms(index, [(c.width, c.height) for c in cams])
+        img_tfs, aug_from_lidar = self.transforms(draw, [(c.width, c.height) for c in cams])
 
         cached = None
         map_frame = None  # the stored teacher map's frame (aug_from_lidar of its variant)
@@ -179,7 +199,7 @@ class CameraDetectionDataset(Dataset):
             variant, aug_from_lidar = choose_variant(
                 self.cache.manifest.variants.kind, [m.aug_from_lidar for m in cached.maps],
                 aug_from_lidar if self.train and self.bda_policy is not None else None,
-                np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index, _VARIANT_STREAM])))
+                np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, draw, _VARIANT_STREAM])))
             stored_map = cached.maps[variant]
             map_frame = np.asarray(stored_map.aug_from_lidar, np.float64)
         else:
@@ -211,6 +231,8 @@ class CameraDetectionDataset(Dataset):
             depth_box=torch.stack(box_maps),
             lidar_points=lidar_points,
         )
+        if self.frames > 1:
+            self._add_previous_frames(sample, lidar_token, cams, img_tfs)
         kp = None  # (M, K, 2) keypoints in the un-augmented frame: the cache's, or laid here for the online teacher
         if cached is not None:
             kp = cached.keypoints  # derived from the cached boxes, as extraction laid them
@@ -234,6 +256,28 @@ class CameraDetectionDataset(Dataset):
             sample.kp_teacher_xy = torch.from_numpy(kp_teacher)
             sample.map_from_lidar = torch.from_numpy(np.asarray(map_frame, np.float32))
         return sample
+
+
+    def _add_previous_frames(self, sample: CameraSample, lidar_token: str, cams: Sequence[CameraView],
+                             img_tfs: Sequence[ImageTransform]) -> None:
+        """The earlier key frames' images (BEVDet4D): each through the current frame's image transform of its
+        camera, and each camera's extrinsics taken from the *current* key lidar frame (earlier camera <- global <-
+        current lidar, the devkit poses at each sensor's own time), so the student lifts the earlier images straight
+        into the current frame and the BDA applies to all frames alike."""
+        images, intrinsics, extrinsics = [], [], []
+        for record in self.reader.adjacent_key_samples(sample.token, self.frames):
+            views = {v.channel: v for v in self.reader.load_cameras(record, lidar_token)}
+            prev = [views[ch] for ch in CAMERA_CHANNELS]
+            for c, p in zip(cams, prev):
+                if (p.width, p.height) != (c.width, c.height):
+                    raise DatasetError(f"sample {record['token']}: {p.channel} image is {p.width}x{p.height}, but "
+                                       f"the same camera of the later sample {sample.token} is {c.width}x{c.height}")
+            images.append(np.stack([_normalise(t.apply_image(p.load_image())) for p, t in zip(prev, img_tfs)]))
+            intrinsics.append(np.stack([p.intrinsics for p in prev]))
+            extrinsics.append(np.stack([p.cam_from_lidar for p in prev]))
+        sample.prev_images = torch.from_numpy(np.stack(images))
+        sample.prev_intrinsics = torch.from_numpy(np.stack(intrinsics).astype(np.float32))
+        sample.prev_cam_from_lidar = torch.from_numpy(np.stack(extrinsics).astype(np.float32))
 
 
 _VARIANT_STREAM = 1
@@ -271,7 +315,18 @@ def collate_camera(items: Sequence[CameraSample]) -> CameraBatch:
         depth_box=torch.stack([s.depth_box for s in items]),
         teacher=teacher,
         lidar_points=[s.lidar_points for s in items] if all(with_lidar) else None,
+        **_collate_previous(items),
     )
+
+
+def _collate_previous(items: Sequence[CameraSample]) -> dict[str, torch.Tensor | None]:
+    with_prev = [s.prev_images is not None for s in items]
+    if any(with_prev) != all(with_prev):
+        raise ValueError("a batch mixes samples with and without earlier frames")
+    names = ("prev_images", "prev_intrinsics", "prev_cam_from_lidar")
+    if not all(with_prev):
+        return dict.fromkeys(names)
+    return {n: torch.stack([getattr(s, n) for s in items]) for n in names}
 
 
 def pad_box_keypoints(kp_teacher: Sequence[torch.Tensor], kp_student: Sequence[torch.Tensor]

@@ -188,6 +188,36 @@ class NuScenesReader:
                 token = nusc.get("sample", token)["next"]
         return tokens
 
+    def adjacent_key_samples(self, token: str, frames: int) -> list[dict]:
+        """The ``frames - 1`` key samples before ``token``, nearest first, as BEVDet4D takes them: the sample ``k``
+        key frames earlier in the same scene, or the sample itself where the scene has fewer than ``k`` before it
+        (at a scene's first sample every earlier frame is the current one)."""
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1 (the current key frame), got {frames}")
+        nusc = self.nusc
+        try:
+            current = nusc.get("sample", token)
+        except KeyError:
+            raise DatasetError(f"sample token {token!r} is not in {self.dataroot / self.version}") from None
+        out, rec = [], current
+        for _ in range(frames - 1):
+            rec = nusc.get("sample", rec["prev"]) if rec is not None and rec["prev"] else None
+            out.append(current if rec is None else rec)
+        return out
+
+    def sample_classes(self, token: str) -> frozenset[int]:
+        """Detection classes (indices into ``DETECTION_CLASSES``) of the sample's valid annotations, those with at
+        least one LiDAR or radar point (mmdet3d's ``use_valid_flag``): what class-balanced sampling counts. Reads
+        the tables only."""
+        nusc = self.nusc
+        found = set()
+        for ann_token in nusc.get("sample", token)["anns"]:
+            a = nusc.get("sample_annotation", ann_token)
+            det = detection_name_of_category(a["category_name"])
+            if det is not None and a["num_lidar_pts"] + a["num_radar_pts"] > 0:
+                found.add(DETECTION_CLASSES.index(det))
+        return frozenset(found)
+
     # ----------------------------------------------------------------------------------------------- fingerprint
     def fingerprint(self, split: str, tokens: Sequence[str], *, num_sweeps: int) -> DatasetFingerprint:
         """What a cache of these samples is computed from: the tokens, the content of every table record that

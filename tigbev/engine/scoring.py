@@ -61,7 +61,7 @@ def predict_student(student, reader: NuScenesReader, tokens: Sequence[str], devi
     scfg = student.cfg
     dataset = CameraDetectionDataset(reader, tokens, cache=None, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
                                      image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=None,
-                                     train=False, point_range_m=NUSCENES_POINT_RANGE_M)
+                                     train=False, point_range_m=NUSCENES_POINT_RANGE_M, frames=scfg.frames)
     student.eval()
     preds: Predictions = {}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_camera)

@@ -129,7 +129,18 @@ class AblateConfig:
     ABLATION_ROWS' order."""
     augment: bool = False
     """Train every row with the published image augmentation and BDA (the [bda] comparison)."""
+    frames: int = 1
+    """Key frames per student sample (2: BEVDet4D / BEVDepth4D, the [temporal] comparison)."""
+    sampler: str = "uniform"
+    """'uniform' or 'cbgs' (class-balanced grouping and sampling)."""
     tiny: bool = False
+
+    @property
+    def tag(self) -> str:
+        """What sets this table's students apart from the plain ones, in their names and the table's: ``-aug``,
+        ``-f<frames>``, ``-cbgs`` (empty for the plain ablation)."""
+        return ("-aug" if self.augment else "") + (f"-f{self.frames}" if self.frames > 1 else "") + \
+            (f"-{self.sampler}" if self.sampler != "uniform" else "")
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -142,6 +153,10 @@ class AblateConfig:
             raise ValueError(f"AblateConfig.rows: unknown {unknown}; choose from {sorted(known)}")
         if not self.seeds:
             raise ValueError("AblateConfig.seeds: give at least one seed")
+        if self.frames < 1:
+            raise ValueError(f"AblateConfig.frames must be >= 1, got {self.frames}")
+        if self.sampler not in ("uniform", "cbgs"):
+            raise ValueError(f"AblateConfig.sampler must be 'uniform' or 'cbgs', got {self.sampler!r}")
 
 
 def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -150,6 +165,7 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
                  if v is not None}
     if cfg.augment:
         overrides["student_augment"] = True
+    overrides.update(student_frames=cfg.frames, student_sampler=cfg.sampler)
     demo = DemoConfig(out_dir=cfg.out_dir, seed=cfg.seeds[0], workers=cfg.workers, tiny=cfg.tiny,
                       **{**world_preset(cfg.preset), **overrides})
     world = prepare_world(demo, progress=progress)
@@ -160,10 +176,9 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
         per_seed = []
         for seed in cfg.seeds:
             # The demo's two students are rows of this table (same weights, source, seed and budget): reused.
-            name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed and cfg.preset == "demo" and not cfg.augment \
+            name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed and cfg.preset == "demo" and not cfg.tag \
                 else None
-            prefix = "ablate-aug" if cfg.augment else "ablate"
-            m = train_demo_student(demo, world, name or f"{prefix}-{row.key}-s{seed}", row.weights, row.source,
+            m = train_demo_student(demo, world, name or f"ablate{cfg.tag}-{row.key}-s{seed}", row.weights, row.source,
                                    seed=seed, cache=row.cache, progress=progress)
             per_seed.append({k: m[k] for k in (*_METRICS, "step_s")})
         summary = {k: statistics.fmean(s[k] for s in per_seed) for k in (*_METRICS, "step_s")}
@@ -172,9 +187,9 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
                      "weights": dataclasses.asdict(row.weights), "mean": summary, "half_range": spread,
                      "per_seed": dict(zip(map(str, cfg.seeds), per_seed)), "published": PUBLISHED.get(row.key, "")})
     result = {"preset": cfg.preset, "seeds": list(cfg.seeds), "student_epochs": demo.student_epochs, "rows": rows,
-              "augment": cfg.augment, "stages": world.stages}
+              "augment": cfg.augment, "frames": cfg.frames, "sampler": cfg.sampler, "stages": world.stages}
     result["headlines"] = headline_deltas(result)
-    stem = "ablation-aug" if cfg.augment else "ablation"
+    stem = f"ablation{cfg.tag}"
     write_json_atomic(cfg.out_dir / f"{stem}.json", result)
     (cfg.out_dir / f"{stem}.md").write_text(ablation_table(result))
     plot_ablation(cfg.out_dir / f"{stem}.png", result)
@@ -224,7 +239,11 @@ def ablation_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         cells = [f"{r['mean'][k]:.4f}" + (f" ± {r['half_range'][k]:.4f}" if seeds > 1 else "") for k in _METRICS]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['mean']['step_s']:.2f} | {r['published']} |")
-    note = (f"\nMean over {seeds} seed(s) (± half the range), {result['student_epochs']} epochs each, synth_val, "
+    recipe = ", ".join(x for x in ("image augmentation and BDA" if result.get("augment") else "",
+                                   f"{result['frames']} key frames" if result.get("frames", 1) > 1 else "",
+                                   "CBGS" if result.get("sampler") == "cbgs" else "") if x)
+    note = (f"\nMean over {seeds} seed(s) (± half the range), {result['student_epochs']} epochs each"
+            + (f" ({recipe})" if recipe else "") + ", synth_val, "
             "official nuScenes metrics; TP errors are in metres / radians (lower is better).\n")
     heads = headline_deltas(result)
     if heads:

@@ -8,6 +8,7 @@ A rerun with the same directory reuses every stage whose output is already compl
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ class DemoConfig:
     """Both students train from scratch on 100 samples for 300 steps: at this budget augmentation only slows them
     down (the published schedule augments over 24 epochs of 28k samples), and 2e-3 learns faster than 1e-3."""
     student_warmup_steps: int = 30
+    student_frames: int = 1
+    """Key frames per sample of every student (2: BEVDet4D / BEVDepth4D); the cache is the same for any count."""
+    student_sampler: str = "uniform"
+    """'uniform' or 'cbgs' (class-balanced grouping and sampling) for every student."""
     pretrain_epochs: int = 0
     """Epochs of ``tigbev pretrain-backbone`` on the world's train split (0: students start from random weights)."""
     synth: dict[str, Any] = field(default_factory=dict)
@@ -63,9 +68,9 @@ def world_preset(name: str) -> dict[str, Any]:
 
 def demo_output(name: str) -> bool:
     """Whether a name in a demo (or ablation) directory is one that demo or ablate writes there."""
-    return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json", "ablation.json",
-                     "ablation.md", "ablation.png", "ablation-aug.json", "ablation-aug.md", "ablation-aug.png",
+    return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json",
                      "levers.json", "levers.md", "loss_scale.json", "loss_scale.md")
+            or re.fullmatch(r"ablation(-[a-z0-9]+)*\.(json|md|png)", name) is not None
             or name.startswith(("student-", ".synth.partial-", "cache-train-"))
             or (name.startswith(".") and ".json.tmp" in name))
 
@@ -217,7 +222,8 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
             teacher_checkpoint=world.teacher_dir / "last.pt" if source == "online" else None, weights=weights,
             keypoint_grid=DEMO_KEYPOINT_GRID, backbone_weights=world.backbone,
             epochs=cfg.student_epochs, batch_size=2, lr=cfg.student_lr, warmup_steps=cfg.student_warmup_steps,
-            augment=cfg.student_augment, workers=cfg.workers, seed=cfg.seed if seed is None else seed,
+            augment=cfg.student_augment, frames=cfg.student_frames, sampler=cfg.student_sampler,  # type: ignore
+            workers=cfg.workers, seed=cfg.seed if seed is None else seed,
             max_steps=2 if cfg.tiny else None, resume=(run_dir / "last.pt").exists()), progress=progress)
         write_json_atomic(run_dir / "timing.json", {"step_s": result.mean_step_s, "steps": result.steps})
 

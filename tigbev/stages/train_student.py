@@ -32,7 +32,9 @@ from tigbev.data.augment import BevAugmentPolicy
 from tigbev.data.camera_batch import CameraBatch
 from tigbev.data.camera_dataset import CameraDetectionDataset, collate_camera
 from tigbev.data.image_aug import ImageAugPolicy
+from tigbev.data.classes import DETECTION_CLASSES
 from tigbev.data.nuscenes_reader import NuScenesReader
+from tigbev.data.sampling import ClassBalancedDataset
 from tigbev.engine.loop import (
     StepLog,
     backward_step,
@@ -85,6 +87,8 @@ class TrainStudentResult:
     mean_step_s: float
     final_losses: dict[str, float]
     metrics: dict[str, Any] | None
+    epoch_size: int = 0
+    """Samples per epoch (all ranks together): the split's size, or the class-balanced epoch's with CBGS."""
 
 
 class DistillationModel(nn.Module):
@@ -255,7 +259,7 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
     cache, or the keypoints and LiDAR for the online teacher), the teacher source, and the model with its criterion
     (on CPU; the caller moves it). ``tokens``: a subset of the split (default: all of it; with a cache, exactly the
     tokens it was extracted from). Every input is checked here, before anything is written."""
-    scfg = student_preset(cfg.preset, variant=cfg.variant)
+    scfg = student_preset(cfg.preset, variant=cfg.variant, frames=cfg.frames)
     reader = NuScenesReader(cfg.dataroot)
     tokens = reader.sample_tokens(cfg.split) if tokens is None else list(tokens)
     cache = None
@@ -280,6 +284,7 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
         min_depth_m=cache.manifest.depth.min_depth_m if cache is not None else 0.5,
         lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
         online_keypoints=(cfg.keypoint_grid, KEYPOINT_ENLARGE_M) if online is not None else None,
+        frames=cfg.frames,
     )
     model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
     if cfg.backbone_weights is not None and load_backbone:
@@ -288,6 +293,21 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
         load_torchvision_weights(model.student.backbone, cfg.backbone_weights)
     return Distillation(student_config=scfg, reader=reader, dataset=dataset, model=model, cache=cache,
                         online=online, teacher_grid=teacher_grid, cache_fingerprint=cache_fingerprint)
+
+
+def _training_set(cfg: TrainStudentConfig, reader: NuScenesReader, dataset: CameraDetectionDataset
+                  ) -> tuple[Any, dict[str, Any]]:
+    """What an epoch draws from: the dataset itself, or its class-balanced (CBGS) epoch, and a record of it for
+    the run's ``config.json``."""
+    if cfg.sampler == "uniform":
+        return dataset, {"sampler": "uniform", "epoch_size": len(dataset), "dataset_size": len(dataset)}
+    classes = [reader.sample_classes(t) for t in dataset.tokens]
+    balanced = ClassBalancedDataset(dataset, classes, len(DETECTION_CLASSES), cfg.seed)
+    counts = np.bincount(np.concatenate([np.fromiter(classes[i], np.int64) for i in balanced.indices]),
+                         minlength=len(DETECTION_CLASSES))
+    return balanced, {"sampler": "cbgs", "epoch_size": len(balanced), "dataset_size": len(dataset),
+                      "seed": cfg.seed,
+                      "samples_with_class": dict(zip(DETECTION_CLASSES, map(int, counts)))}
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -319,9 +339,14 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     scfg, reader, dataset, model, online = built.student_config, built.reader, built.dataset, built.model, built.online
     teacher_grid, cache_fingerprint = built.teacher_grid, built.cache_fingerprint
     model = model.to(device)
+    train_set, sampling = _training_set(cfg, reader, dataset)
+    if rank == 0 and progress and cfg.sampler != "uniform":
+        from tqdm import tqdm
+
+        tqdm.write(f"sampler {cfg.sampler}: {sampling['epoch_size']} samples per epoch from {len(dataset)}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    plan = plan_steps(math.ceil(len(dataset) / world), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    plan = plan_steps(math.ceil(len(train_set) / world), cfg.batch_size, cfg.epochs, cfg.max_steps)
     schedule_steps = plan.schedule_steps
     # Linear warm-up, then the published step decay at 19/24 and 23/24 of training (x0.1 each).
     milestones = (round(schedule_steps * 19 / 24), round(schedule_steps * 23 / 24))
@@ -340,7 +365,8 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
             ckpt_path, ckpt, cfg.to_dict(), model, optimizer, scheduler,
             [] if saved_cache == this_cache else ["the teacher cache (its teacher or dataset fingerprint)"])
     if rank == 0:
-        start_run_dir(out, {"train": cfg.to_dict(), "student": scfg.to_dict(), "cache": cache_fingerprint})
+        start_run_dir(out, {"train": cfg.to_dict(), "student": scfg.to_dict(), "cache": cache_fingerprint,
+                            "sampling": sampling})
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -352,12 +378,12 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     th, tw = (teacher_grid.shape_hw if teacher_grid is not None else (0, 0))
 
     def loader_for(epoch: int) -> DataLoader:
-        dataset.set_epoch(epoch)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) \
+        train_set.set_epoch(epoch)
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) \
             if world > 1 else None
         if sampler is not None:
             sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                           collate_fn=collate_camera, num_workers=cfg.workers,
                           generator=torch.Generator().manual_seed(cfg.seed + epoch))
 
@@ -401,4 +427,4 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     timed = step_times[2:] if len(step_times) > 4 else step_times
     return TrainStudentResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
                               mean_step_s=float(np.mean(timed)) if timed else float("nan"), final_losses=last,
-                              metrics=metrics)
+                              metrics=metrics, epoch_size=len(train_set))

@@ -81,6 +81,10 @@ class StudentConfig:
     nms_radii_m: tuple[float, ...] = NUSCENES_NMS_RADII_M
     head_share_channels: int = 64
     head_channels: int = 64
+    frames: int = 1
+    """Key frames per sample (BEVDet4D / BEVDepth4D: 2): the earlier frames' images go through the same image
+    branch without gradients, lift straight into the current frame (their extrinsics are from the current lidar
+    frame), and their BEV context maps are concatenated to the current one before the BEV encoder."""
 
     def __post_init__(self) -> None:
         if self.variant not in ("bevdet", "bevdepth"):
@@ -94,6 +98,8 @@ class StudentConfig:
                      "bev_channels", "head_share_channels", "head_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StudentConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.frames < 1:
+            raise ValueError(f"StudentConfig.frames must be >= 1 (the current key frame), got {self.frames}")
         if self.depth_blocks < 0:
             raise ValueError(f"StudentConfig.depth_blocks must be >= 0, got {self.depth_blocks}")
         if not self.z_max_m > self.z_min_m:
@@ -130,7 +136,8 @@ class StudentConfig:
         return cls(**{k: tup(v) for k, v in d.items()})
 
 
-def student_preset(name: Literal["demo", "nuscenes"], variant: StudentVariant = "bevdepth") -> StudentConfig:
+def student_preset(name: Literal["demo", "nuscenes"], variant: StudentVariant = "bevdepth", frames: int = 1
+                   ) -> StudentConfig:
     """``nuscenes``: TiG-BEV-R50 (METHOD.md section 3): 6 x 256 x 704 images, ResNet-50, 512-ch stride-16 neck,
     59 depth bins of 1 m, 80 context channels, 128 x 128 BEV at 0.8 m, 256-ch BEV features.
 
@@ -141,13 +148,13 @@ def student_preset(name: Literal["demo", "nuscenes"], variant: StudentVariant = 
     """
     match name:
         case "nuscenes":
-            return StudentConfig(variant=variant)
+            return StudentConfig(variant=variant, frames=frames)
         case "demo":
             return StudentConfig(
                 variant=variant, input_hw=(128, 352), backbone="resnet18", backbone_width=32, neck_channels=128,
                 context_channels=64, depth_mid_channels=64, depth_blocks=1, cell_m=1.6,
                 bev_stage_channels=(64, 128, 256), bev_stage_blocks=(1, 1, 1), bev_fpn_channels=128,
-                bev_channels=128, head_share_channels=32, head_channels=16,
+                bev_channels=128, head_share_channels=32, head_channels=16, frames=frames,
             )
     raise ValueError(f"unknown student preset {name!r}; choose 'demo' or 'nuscenes'")
 
@@ -172,7 +179,7 @@ class CameraStudent(nn.Module):
             bins=cfg.depth_bins, grid=cfg.bev_grid, z_range_m=(cfg.z_min_m, cfg.z_max_m), stride=FEATURE_STRIDE,
             mid_channels=cfg.depth_mid_channels, depth_blocks=cfg.depth_blocks,
         )
-        self.bev_encoder = BevEncoder(cfg.context_channels, cfg.bev_stage_channels, cfg.bev_stage_blocks,
+        self.bev_encoder = BevEncoder(cfg.context_channels * cfg.frames, cfg.bev_stage_channels, cfg.bev_stage_blocks,
                                       cfg.bev_fpn_channels, cfg.bev_channels)
         self.head = CenterHead(CenterHeadConfig(
             in_channels=cfg.bev_channels, grid=cfg.bev_grid, tasks=cfg.tasks, nms_radii_m=cfg.nms_radii_m,
@@ -193,9 +200,24 @@ class CameraStudent(nn.Module):
                             ("aug_px_from_px", (b, n, 3, 3)), ("aug_from_lidar", (b, 4, 4))):
             if tuple(getattr(batch, name).shape) != shape:
                 raise ValueError(f"CameraBatch.{name} must be {shape}, got {tuple(getattr(batch, name).shape)}")
-        feats = self.neck(self.backbone(images.flatten(0, 1)))  # (B*N, neck_channels, h, w)
-        vt = self.view_transform(feats, intrinsics=batch.intrinsics, cam_from_lidar=batch.cam_from_lidar,
-                                 aug_px_from_px=batch.aug_px_from_px, aug_from_lidar=batch.aug_from_lidar,
-                                 image_hw=self.cfg.input_hw)
-        bev_features = self.bev_encoder(vt.bev)  # (B, bev_channels, ny, nx)
+        if batch.frames != self.cfg.frames:
+            raise ValueError(f"CameraStudent has {self.cfg.frames} key frame(s) per sample, the batch "
+                             f"{batch.frames} (CameraDetectionDataset(frames=...) must match StudentConfig.frames)")
+        vt = self._lift(images, batch.intrinsics, batch.cam_from_lidar, batch)
+        bev = [vt.bev]
+        if self.cfg.frames > 1:
+            # BEVDet4D: the earlier frames are seen, not learned from (no gradients), and lie in the current frame.
+            with torch.no_grad():
+                for t in range(self.cfg.frames - 1):
+                    bev.append(self._lift(batch.prev_images[:, t], batch.prev_intrinsics[:, t],
+                                          batch.prev_cam_from_lidar[:, t], batch).bev)
+        bev_features = self.bev_encoder(torch.cat(bev, dim=1))  # (B, bev_channels, ny, nx)
         return StudentOutput(bev_features=bev_features, depth_logits=vt.depth_logits, preds=self.head(bev_features))
+
+    def _lift(self, images: torch.Tensor, intrinsics: torch.Tensor, cam_from_lidar: torch.Tensor,
+              batch: CameraBatch) -> Any:
+        """One key frame's images (B, N, 3, H, W) -> its BEV context map in the batch's augmented frame."""
+        feats = self.neck(self.backbone(images.flatten(0, 1)))  # (B*N, neck_channels, h, w)
+        return self.view_transform(feats, intrinsics=intrinsics, cam_from_lidar=cam_from_lidar,
+                                   aug_px_from_px=batch.aug_px_from_px, aug_from_lidar=batch.aug_from_lidar,
+                                   image_hw=self.cfg.input_hw)
