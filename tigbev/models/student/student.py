@@ -1,6 +1,7 @@
 """The camera student (BEVDet / BEVDepth): ResNet -> stride-16 neck -> LSS view transform -> BEV encoder -> CenterHead.
 
-``CameraStudent.forward(batch)`` takes a ``CameraBatch`` (B samples x N cameras) and returns ``StudentOutput``:
+``CameraStudent.forward(batch)`` takes a ``CameraBatch`` (B samples x N cameras; with ``StudentConfig.frames`` > 1
+also the earlier key frames' images, BEVDet4D) and returns ``StudentOutput``:
 ``bev_features`` (B, bev_channels, ny, nx) on ``StudentConfig.bev_grid`` in the augmented BEV frame (the map TiG-BEV
 distils), ``depth_logits`` (B*N, D, h, w) at stride 16 (h = ceil(H / 16)), the grid the depth targets use, and the
 CenterHead's per-task predictions.
