@@ -167,6 +167,9 @@ def train_teacher(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
     no_augment: Annotated[bool, typer.Option(help="Disable rotation/scale/flip augmentation.")] = False,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps (smoke runs).")] = None,
+    tensorboard: Annotated[bool, typer.Option(help=(
+        "Also log to OUT/tensorboard: metrics.jsonl's scalars, the final metrics and a BEV picture "
+        "(pip install 'tigbev[tensorboard]')."))] = False,
 ) -> None:
     """Train the CenterPoint LiDAR teacher; checkpoints, metrics log and loss curve go to OUT."""
     from tigbev.config import TrainTeacherConfig, train_teacher_defaults
@@ -177,7 +180,7 @@ def train_teacher(
     cfg = TrainTeacherConfig(
         preset=preset, dataroot=dataroot, split=split, out_dir=out, val_split=val_split, workers=workers,
         seed=seed, device=device, resume=resume, augment=not no_augment, max_steps=max_steps,
-        **{**defaults, **overrides},
+        tensorboard=tensorboard, **{**defaults, **overrides},
     )
     result = stage.run(cfg)
     typer.echo(f"teacher: {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}, "
@@ -363,6 +366,9 @@ def train_student(
     sampler: Annotated[str | None, typer.Option(help=(
         "'uniform' or 'cbgs' (class-balanced grouping and sampling, as mmdet3d's CBGSDataset) "
         f"(default {_default(TrainStudentConfig, 'sampler')})."))] = None,
+    tensorboard: Annotated[bool, typer.Option(help=(
+        "Also log to OUT/tensorboard: metrics.jsonl's scalars, the final metrics and a BEV picture "
+        "(pip install 'tigbev[tensorboard]')."))] = False,
 ) -> None:
     """Train a camera student with the TiG-BEV losses from the cache (or the online teacher, or none)."""
     from tigbev.stages import train_student as stage
@@ -375,6 +381,7 @@ def train_student(
         teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
         teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
         weights=weights, val_split=val_split, resume=resume, augment=not no_augment, max_steps=max_steps,
+        tensorboard=tensorboard,
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device,
                  keypoint_grid=keypoint_grid, frames=frames, sampler=sampler),
     )

@@ -133,6 +133,9 @@ class _TrainLoopConfig:
     augment: bool = True
     max_steps: int | None = None
     """Stop after this many optimiser steps in total (smoke tests)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard in ``out_dir/tensorboard``: the scalars of metrics.jsonl, the final metrics and a BEV
+    picture of the evaluation (needs ``pip install "tigbev[tensorboard]"``)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__

@@ -409,7 +409,8 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
 
     model.train()
     with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, enabled=rank == 0,
-                     resume_step=step if resuming else None) as log:
+                     resume_step=step if resuming else None,
+                     tensorboard=out / "tensorboard" if cfg.tensorboard else None) as log:
         step, last_log = run_epochs(what="student", epochs=cfg.epochs, epoch0=epoch0, step=step, plan=plan,
                                     loader_for=loader_for, body=body, scheduler=scheduler, log=log, save=save,
                                     progress=progress and rank == 0)
@@ -422,7 +423,9 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
 
             preds = predict_student(model.student, reader, reader.sample_tokens(cfg.val_split), device,
                                     cfg.batch_size, progress)
-            metrics = score(reader, cfg.val_split, preds, out / "eval", use_camera=True, use_lidar=False, plots=False)
+            metrics = score(reader, cfg.val_split, preds, out / "eval", use_camera=True, use_lidar=False, plots=False,
+                            bev_samples=1 if cfg.tensorboard else 0)
+            log.evaluation(step, metrics, sorted((out / "eval").glob("bev_*.png")))
     # The first steps pay for allocation and worker start-up: the mean step time skips them when it can.
     timed = step_times[2:] if len(step_times) > 4 else step_times
     return TrainStudentResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,

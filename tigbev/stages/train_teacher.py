@@ -94,7 +94,8 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
             provenance=provenance(dataroot=str(cfg.dataroot), split=cfg.split, num_samples=len(tokens)))
 
     model.train()
-    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, resume_step=step if resuming else None) as log:
+    with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, resume_step=step if resuming else None,
+                     tensorboard=out / "tensorboard" if cfg.tensorboard else None) as log:
         step, last = run_epochs(what="teacher", epochs=cfg.epochs, epoch0=epoch0, step=step, plan=plan,
                                 loader_for=loader_for, body=body, scheduler=scheduler, log=log, save=save,
                                 progress=progress)
@@ -106,7 +107,8 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
         preds = predict_teacher(model, eval_reader, eval_reader.sample_tokens(cfg.val_split), device,
                                 cfg.batch_size, progress)
         metrics = score(eval_reader, cfg.val_split, preds, out / "eval", use_camera=False, use_lidar=True,
-                        plots=False)
+                        plots=False, bev_samples=1 if cfg.tensorboard else 0)
+        log.evaluation(step, metrics, sorted((out / "eval").glob("bev_*.png")))
     return TrainTeacherResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
                               final_loss=last.losses["total"] if last else float("nan"), metrics=metrics)
 

@@ -24,9 +24,9 @@ __all__ = ["RESUME_MAY_DIFFER", "check_output_dir", "check_resume", "check_run_d
            "remove_temporaries"]
 
 CHECKPOINT = "last.pt"
-_BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "loss_curve.png"})
+_BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "loss_curve.png", "tensorboard"})
 RESUME_MAY_DIFFER = frozenset({"resume", "workers", "device", "max_steps", "val_split", "out_dir", "dataroot",
-                               "cache", "teacher_checkpoint", "backbone_weights"})
+                               "cache", "teacher_checkpoint", "backbone_weights", "tensorboard"})
 """Settings a resumed run may change: how and where it runs, when it stops, what it is evaluated on, and paths
 (a moved dataset or cache is fine: their content is compared through fingerprints instead)."""
 

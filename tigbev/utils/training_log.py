@@ -5,6 +5,12 @@ steps and at the last one, and ``{"kind": "epoch", "epoch", "step", <mean of eve
 the end of each epoch. A fresh run starts the file anew. A resumed run keeps the records up to the checkpoint it resumes
 from (``resume_step``) and drops the later ones, which the resumed run logs again, so no step appears twice; its
 loss curve covers the whole run, not only the part after the resume.
+
+With ``tensorboard`` (a folder) the same scalars also go to TensorBoard event files there: each step record's named
+losses as ``loss/<name>``, their unweighted values as ``unweighted/<name>``, ``lr`` and ``step_s``, each epoch record
+as ``epoch/<name>`` (at the epoch's last step), and, through :meth:`TrainingLog.evaluation`, the final metrics as
+``eval/<name>`` and BEV pictures as images. A resumed run purges the events after its checkpoint, as it does the
+JSON lines. Needs the optional ``tensorboard`` package (``pip install "tigbev[tensorboard]"``).
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import TracebackType
+from collections.abc import Sequence
 from typing import IO, Any
 
+from tigbev.errors import TigbevError
 from tigbev.utils.plots import plot_loss_curves
 
 __all__ = ["TrainingLog"]
@@ -30,10 +38,16 @@ class TrainingLog:
     after each epoch, :meth:`plot` at the end.
     """
 
-    def __init__(self, path: Path, *, every: int, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, path: Path, *, every: int, enabled: bool = True, resume_step: int | None = None,
+                 tensorboard: Path | None = None):
         if every < 1:
             raise ValueError(f"TrainingLog.every must be >= 1, got {every}")
         self.path, self.every, self.enabled = Path(path), every, enabled
+        self.tensorboard = None if tensorboard is None else Path(tensorboard)
+        self._resume_step = resume_step
+        self._tb: Any = None
+        if enabled and self.tensorboard is not None:
+            _summary_writer_class()  # fail before training when the package is missing
         self.steps: list[int] = []
         self.history: dict[str, list[float]] = {}
         self._sums: dict[str, float] = {}
@@ -63,6 +77,10 @@ class TrainingLog:
             tmp.write_text("".join(line + "\n" for line in self._kept))
             tmp.replace(self.path)  # what is kept, atomically; then append
             self._file = self.path.open("a")
+            if self.tensorboard is not None:
+                # Events logged after the resumed checkpoint are dropped: the resumed run logs those steps again.
+                self._tb = _summary_writer_class()(
+                    str(self.tensorboard), purge_step=None if self._resume_step is None else self._resume_step + 1)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -70,6 +88,9 @@ class TrainingLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def _remember(self, step: int, losses: dict[str, float]) -> None:
         self.steps.append(step)
@@ -81,6 +102,40 @@ class TrainingLog:
             raise RuntimeError("TrainingLog is written inside its `with` block")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tb is not None:
+            step = int(record["step"])
+            if record["kind"] == "epoch":
+                scalars = {f"epoch/{k}": v for k, v in record.items() if k not in _NOT_LOSSES}
+            else:
+                scalars = {f"loss/{k}": v for k, v in record.items() if k not in _NOT_LOSSES}
+                scalars.update({k: record[k] for k in ("lr", "step_s") if k in record})
+                scalars.update({f"unweighted/{k}": v for k, v in record.get("unweighted", {}).items()})
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, float(value), step)
+            self._tb.flush()
+
+    def evaluation(self, step: int, metrics: dict[str, Any], pictures: Sequence[Path] = ()) -> None:
+        """Write the final evaluation to TensorBoard (after the training loop): every scalar metric as
+        ``eval/<name>``, per-class APs as ``eval/AP/<class>``, and each PNG in ``pictures`` as an image
+        ``eval/<file stem>``. Nothing without ``tensorboard``."""
+        if not self.enabled or self.tensorboard is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        writer = _summary_writer_class()(str(self.tensorboard))
+        try:
+            for k, v in metrics.items():
+                if isinstance(v, int | float):
+                    writer.add_scalar(f"eval/{k}", float(v), step)
+            for cls, ap in metrics.get("per_class_AP", {}).items():
+                writer.add_scalar(f"eval/AP/{cls}", float(ap), step)
+            for path in pictures:
+                with Image.open(path) as img:
+                    writer.add_image(f"eval/{Path(path).stem}", np.asarray(img.convert("RGB")), step,
+                                     dataformats="HWC")
+        finally:
+            writer.close()
 
     def step(self, step: int, epoch: int, losses: dict[str, float], *, last: bool = False,
              unweighted: dict[str, float] | None = None, **extra: float) -> None:
@@ -111,3 +166,11 @@ class TrainingLog:
         if not self.enabled or not self.steps:
             return None
         return plot_loss_curves(path, self.steps, self.history, title)
+
+
+def _summary_writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TigbevError("--tensorboard needs the tensorboard package: pip install 'tigbev[tensorboard]'") from None
+    return SummaryWriter
