@@ -49,7 +49,7 @@ def _dataset(reader: NuScenesReader, cache: str | None, policy: BevAugmentPolicy
     if cache is None:
         assert online is not None
         return CameraDetectionDataset(reader, reader.sample_tokens(SPLIT), cache=None, lidar_reader=online.reader,
-                                      online_keypoints=(GRID, 1.6), point_range_m=online.cfg.point_range_m, **kw)
+                                      online_keypoints=(GRID, 1.6), point_range_m=online.teacher.point_range_m, **kw)
     return CameraDetectionDataset(reader, reader.sample_tokens(SPLIT), cache=CacheReader(cache), **kw)
 
 
@@ -114,7 +114,7 @@ def test_flips_cache_is_the_online_teacher_under_any_flip(caches: dict[str, str]
     rounding), the canonical cache does not (a CNN teacher is not flip-equivariant)."""
     reader = NuScenesReader(synth_root)
     online = OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
-    grid = online.cfg.bev_grid
+    grid = online.grid
     flips_only = BevAugmentPolicy(rotation_deg=0.0, scale_range=(1.0, 1.0), p_flip=0.5)
     seen, errors = set(), {"flips": [], "canonical": []}
     for seed in range(4):
@@ -141,7 +141,7 @@ def test_draws_cache_replaces_the_bda_by_a_stored_draw(caches: dict[str, str], s
     reader = NuScenesReader(synth_root)
     cache = CacheReader(caches["draws"])
     online = OnlineTeacher(demo_teacher_ckpt, reader, torch.device("cpu"))
-    grid = online.cfg.bev_grid
+    grid = online.grid
     picked = set()
     for seed in range(3):
         ds = _dataset(reader, caches["draws"], BevAugmentPolicy(), seed)

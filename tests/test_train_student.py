@@ -95,7 +95,7 @@ def test_cache_targets_equal_online_targets(synth_root: Path, synth_cache: str, 
     live = CameraDetectionDataset(reader, reader.sample_tokens(SPLIT), cache=None, split=SPLIT,
                                   input_hw=scfg.input_hw, feature_stride=16,
                                   image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=None, train=False,
-                                  lidar_reader=online.reader, point_range_m=online.cfg.point_range_m,
+                                  lidar_reader=online.reader, point_range_m=online.teacher.point_range_m,
                                   online_keypoints=(kp_spec.grid_size, kp_spec.enlarge_m))
     live_batch = collate_camera([live[0], live[1]])
     assert live_batch.teacher is not None and live_batch.teacher.map_features is None
@@ -202,20 +202,20 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
         m = batch.aug_from_lidar[i].double()[:3, :3]
         moved[:, :3] = (moved[:, :3].double() @ m.T).float()
         assert not torch.equal(moved[:, :3], batch.lidar_points[i][:, :3])
-        torch.testing.assert_close(map_loader[i:i + 1], online.teacher.features_for_loss([moved]), rtol=0, atol=0)
+        torch.testing.assert_close(map_loader[i:i + 1], online.teacher.bev_map([moved]), rtol=0, atol=0)
     no_keypoints = CameraDetectionDataset(reader, tokens, cache=None, lidar_reader=online.reader, **kw)
     with pytest.raises(TigbevError, match="no keypoints"):
         online.targets(collate_camera([no_keypoints[0]]))
 
     torch.manual_seed(0)
     cfg = _cfg(synth_root, Path("unused"), None, teacher="online", teacher_checkpoint=demo_teacher_ckpt)
-    model = DistillationModel(scfg, cfg, online.cfg.bev_grid, online.cfg.bev_channels)
+    model = DistillationModel(scfg, cfg, online.grid, online.channels)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = model.distill.adapter.weight.detach().clone()
     teacher_before = batch.teacher
     result = train_student.training_step(
         model, opt, torch.amp.GradScaler("cuda", enabled=False), batch, online=online,
-        teacher_hw=online.cfg.bev_grid.shape_hw, device=torch.device("cpu"), use_amp=False, grad_clip=5.0)
+        teacher_hw=online.grid.shape_hw, device=torch.device("cpu"), use_amp=False, grad_clip=5.0)
     loss, losses, times = result.loss, result.losses, result.times
     assert torch.isfinite(loss) and losses["inter_channel"] > 0
     assert batch.teacher is teacher_before  # the step is pure: the online targets went into a copy of the batch

@@ -257,10 +257,14 @@ def import_teacher(
 @app.command("extract-teacher")
 @_guarded
 def extract_teacher(
-    teacher_checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Teacher last.pt.")],
     dataroot: Annotated[Path, typer.Option(exists=True, file_okay=False, help="nuScenes-format dataroot.")],
     split: Annotated[str, typer.Option(help="Split to extract.")],
     out: Annotated[str, typer.Option(help="Cache: a directory or an fsspec URL (s3://..., memory://...).")],
+    teacher_checkpoint: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help=(
+        "Teacher last.pt (a tigbev CenterPoint), or the file handed to --teacher-factory."))] = None,
+    teacher_factory: Annotated[str | None, typer.Option(help=(
+        "Any LiDAR teacher: 'package.module:callable', called with (checkpoint, device), returning an object with "
+        "bev_map, grid, channels, num_sweeps, point_range_m, fingerprint, describe (docs/USAGE.md)."))] = None,
     features: Annotated[str | None, typer.Option(help=(
         "'foreground' (cells around boxes) or 'dense' (whole map) "
         f"(default {_default(ExtractTeacherConfig, 'features')})."))] = None,
@@ -303,7 +307,8 @@ def extract_teacher(
     if not (index.isdigit() and count.isdigit()):
         raise _fail(ValueError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}"))
     cfg = ExtractTeacherConfig(
-        teacher_checkpoint=teacher_checkpoint, dataroot=dataroot, split=split, out_dir=out,
+        teacher_checkpoint=teacher_checkpoint, teacher_factory=teacher_factory, dataroot=dataroot, split=split,
+        out_dir=out,
         shard_index=int(index), num_parts=int(count),
         **_given(features=features, feature_dtype=feature_dtype, compression=compression, variants=variants,
                  draws=draws, shard_samples=shard_samples, batch_size=batch_size,
@@ -325,6 +330,8 @@ def train_student(
     cache: Annotated[str | None, typer.Option(help="Teacher cache of this split (extract-teacher's --out).")] = None,
     teacher: Annotated[str, typer.Option(help="'cache', 'online' (live teacher each step) or 'none'.")] = "cache",
     teacher_checkpoint: Annotated[Path | None, typer.Option(help="Teacher checkpoint for --teacher online.")] = None,
+    teacher_factory: Annotated[str | None, typer.Option(help=(
+        "With --teacher online: any LiDAR teacher, 'package.module:callable' (as extract-teacher's)."))] = None,
     variant: Annotated[str, typer.Option(help="'bevdepth' (camera-aware depth) or 'bevdet'.")] = "bevdepth",
     backbone_weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                           help="torchvision ImageNet .pth for the ResNet.")] = None,
@@ -379,7 +386,8 @@ def train_student(
     cfg = TrainStudentConfig(
         preset=preset, dataroot=dataroot, split=split, out_dir=out, cache=cache,
         teacher="none" if baseline and teacher == "cache" and cache is None else teacher,
-        teacher_checkpoint=teacher_checkpoint, variant=variant, backbone_weights=backbone_weights,
+        teacher_checkpoint=teacher_checkpoint, teacher_factory=teacher_factory, variant=variant,
+        backbone_weights=backbone_weights,
         weights=weights, val_split=val_split, resume=resume, augment=not no_augment, max_steps=max_steps,
         tensorboard=tensorboard,
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device,

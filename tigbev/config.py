@@ -196,12 +196,15 @@ class PretrainBackboneConfig(_TrainLoopConfig):
 class ExtractTeacherConfig:
     """Stage one (``tigbev extract-teacher``): run the frozen teacher once over a split and write the cache."""
 
-    teacher_checkpoint: Path
-    """A tigbev teacher checkpoint (train-teacher's last.pt)."""
+    teacher_checkpoint: Path | None
+    """A tigbev teacher checkpoint (train-teacher's last.pt), or the file given to ``teacher_factory``."""
     dataroot: Path
     split: str
     out_dir: str
     """Cache location: a local directory or an fsspec URL (s3://, gs://, memory://)."""
+    teacher_factory: str | None = None
+    """Any LiDAR teacher: ``package.module:callable``, called as ``callable(teacher_checkpoint, device)``, returning
+    a :class:`~tigbev.models.teacher.protocol.BevTeacher`; None: the checkpoint is a tigbev CenterPoint."""
     features: Literal["dense", "foreground"] = "foreground"
     """Store the whole teacher map, or only the cells around each enlarged GT box (what the losses read)."""
     feature_dtype: Literal["float16", "int8"] = "float16"
@@ -235,8 +238,11 @@ class ExtractTeacherConfig:
     def __post_init__(self) -> None:
         name = type(self).__name__
         for f in ("teacher_checkpoint", "dataroot"):
-            object.__setattr__(self, f, Path(getattr(self, f)))
+            if getattr(self, f) is not None:
+                object.__setattr__(self, f, Path(getattr(self, f)))
         object.__setattr__(self, "out_dir", str(self.out_dir))
+        _require(self.teacher_checkpoint is not None or self.teacher_factory is not None, name,
+                 "teacher_checkpoint", "give a tigbev teacher checkpoint or a teacher_factory")
         _require(self.features in ("dense", "foreground"), name, "features", f"got {self.features!r}")
         _require(self.feature_dtype in ("float16", "int8"), name, "feature_dtype", f"got {self.feature_dtype!r}")
         _require(self.compression in ("auto", "none", "zstd"), name, "compression", f"got {self.compression!r}")
@@ -256,7 +262,8 @@ class ExtractTeacherConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(teacher_checkpoint=str(self.teacher_checkpoint), dataroot=str(self.dataroot))
+        d.update(teacher_checkpoint=None if self.teacher_checkpoint is None else str(self.teacher_checkpoint),
+                 dataroot=str(self.dataroot))
         return d
 
 
@@ -332,7 +339,9 @@ class TrainStudentConfig(_TrainLoopConfig):
     """Where distillation targets come from: the cache (the point of this project), the live teacher every step
     (the published way, kept as the baseline), or nowhere (weights must then be 0)."""
     teacher_checkpoint: Path | None = None
-    """Needed with teacher='online'."""
+    """Needed with teacher='online' (a tigbev CenterPoint, or the file given to ``teacher_factory``)."""
+    teacher_factory: str | None = None
+    """With teacher='online': any LiDAR teacher, ``package.module:callable`` (see ExtractTeacherConfig)."""
     variant: Literal["bevdet", "bevdepth"] = "bevdepth"
     backbone_weights: Path | None = None
     """torchvision-format ImageNet weights for the image backbone (a local .pth; nothing is downloaded)."""
@@ -371,8 +380,8 @@ class TrainStudentConfig(_TrainLoopConfig):
                  "distillation weights are > 0 but teacher='none'")
         _require(not (self.teacher == "cache" and distills and self.cache is None), name, "cache",
                  "teacher='cache' with distillation needs --cache")
-        _require(not (self.teacher == "online" and self.teacher_checkpoint is None), name, "teacher_checkpoint",
-                 "teacher='online' needs --teacher-checkpoint")
+        _require(not (self.teacher == "online" and self.teacher_checkpoint is None and self.teacher_factory is None),
+                 name, "teacher_checkpoint", "teacher='online' needs --teacher-checkpoint or --teacher-factory")
         _require(self.keypoint_grid >= 2, name, "keypoint_grid", f"must be >= 2, got {self.keypoint_grid}")
         _require(self.warmup_steps >= 0, name, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(self.frames >= 1, name, "frames", f"must be >= 1 (the current key frame), got {self.frames}")

@@ -73,7 +73,7 @@ def bench_bda(ckpt: Path, dataroot: Path, split: str, tokens: Sequence[str], wor
     dev = pick_device(device)
     reader = NuScenesReader(dataroot)
     online = OnlineTeacher(ckpt, reader, dev)
-    grid = online.cfg.bev_grid
+    grid = online.grid
     hw = student_preset(preset).input_hw  # type: ignore[arg-type]
     urls, sizes = {}, {}
     for mode in CACHE_MODES:

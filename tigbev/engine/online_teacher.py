@@ -27,15 +27,13 @@ class OnlineTeacher:
     is given ``lidar_reader=online.reader``); a batch without them has its LiDAR read here, in the training process.
     """
 
-    def __init__(self, checkpoint: Path, reader: NuScenesReader, device: torch.device):
-        from tigbev.models.teacher.checkpoint import (
-            load_teacher,  # imported only in online mode
-        )
-        from tigbev.models.teacher.frozen import FrozenTeacher
+    def __init__(self, checkpoint: Path | None, reader: NuScenesReader, device: torch.device,
+                 factory: str | None = None):
+        from tigbev.models.teacher.protocol import load_bev_teacher  # imported only in online mode
 
-        model, self.cfg, self.ckpt = load_teacher(checkpoint, device)
-        self.teacher = FrozenTeacher(model)
-        self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.cfg.num_sweeps)
+        self.teacher = load_bev_teacher(checkpoint, device, factory)
+        self.grid, self.channels = self.teacher.grid, self.teacher.channels
+        self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.teacher.num_sweeps)
         self.device = device
 
     def targets(self, batch: CameraBatch) -> tuple[TeacherTargets, torch.Tensor]:
@@ -54,7 +52,10 @@ class OnlineTeacher:
             else:
                 p = torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device)
             points.append(p if frames is None else _move_points(p, frames[i].to(self.device)))
-        fmap = self.teacher.features_for_loss(points)  # (B, C, H, W), the map only, an ordinary tensor
+        from tigbev.models.teacher.protocol import check_bev_map
+
+        fmap = self.teacher.bev_map(points).clone()  # (B, C, H, W), the map only, as an ordinary tensor
+        check_bev_map(self.teacher, fmap, len(points), f"samples {batch.tokens}")
         targets = dataclasses.replace(batch.teacher.to(self.device), map_cells=None, map_features=fmap)
         return targets, fmap
 

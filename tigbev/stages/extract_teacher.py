@@ -52,10 +52,9 @@ from tigbev.data.augment import (
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.targets import depth_points, training_boxes
 from tigbev.geometry import BevGrid
-from tigbev.models.teacher.checkpoint import load_teacher
-from tigbev.models.teacher.frozen import FrozenTeacher
+from tigbev.models.teacher.protocol import check_bev_map, load_bev_teacher, manifest_config
 from tigbev.utils.device import pick_device
-from tigbev.utils.provenance import file_sha256, provenance
+from tigbev.utils.provenance import provenance
 
 __all__ = ["ExtractResult", "build_manifest", "run", "variant_spec"]
 
@@ -176,7 +175,8 @@ def build_manifest(cfg: ExtractTeacherConfig, *, teacher_sha: str, teacher_confi
         shard_samples=cfg.shard_samples,
         records_chunk_bytes=RECORDS_CHUNK_BYTES,
         codecs=codecs_description(records_compressor(features, cfg.compression)),
-        provenance=provenance(dataroot=str(cfg.dataroot), teacher_checkpoint=str(cfg.teacher_checkpoint)),
+        provenance=provenance(dataroot=str(cfg.dataroot), teacher_checkpoint=str(cfg.teacher_checkpoint),
+                              teacher_factory=str(cfg.teacher_factory)),
     )
 
 
@@ -190,14 +190,13 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
 
     start = time.perf_counter()
     device = pick_device(cfg.device)
-    model, tcfg, _ = load_teacher(cfg.teacher_checkpoint, device)
-    teacher = FrozenTeacher(model)
-    grid = tcfg.bev_grid
-    reader = NuScenesReader(cfg.dataroot, num_sweeps=tcfg.num_sweeps)
+    teacher = load_bev_teacher(cfg.teacher_checkpoint, device, cfg.teacher_factory)
+    teacher_config = manifest_config(teacher, cfg.teacher_factory)
+    reader = NuScenesReader(cfg.dataroot, num_sweeps=teacher.num_sweeps)
     tokens = reader.sample_tokens(cfg.split) if tokens is None else list(tokens)
-    fingerprint = reader.fingerprint(cfg.split, tokens, num_sweeps=tcfg.num_sweeps)
-    manifest = build_manifest(cfg, teacher_sha=file_sha256(cfg.teacher_checkpoint), teacher_config=tcfg.to_dict(),
-                              grid=grid, channels=tcfg.bev_channels, dataset=fingerprint)
+    fingerprint = reader.fingerprint(cfg.split, tokens, num_sweeps=teacher.num_sweeps)
+    manifest = build_manifest(cfg, teacher_sha=teacher.fingerprint(), teacher_config=teacher_config,
+                              grid=teacher.grid, channels=teacher.channels, dataset=fingerprint)
     writer = CacheWriter(cfg.out_dir, manifest)
     manifest = writer.manifest
     part, parts = _part_of(cfg)
@@ -212,13 +211,13 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
     # them), then the to-do list again, since a writer that finished meanwhile may have done some.
     with writer.lease(not_done()):
         write_json_file(cfg.out_dir, f"{CONFIG_DIR}/part-{part}-of-{parts}.json",
-                        {"extract": cfg.to_dict(), "teacher": tcfg.to_dict()})
+                        {"extract": cfg.to_dict(), "teacher": teacher_config})
         todo = not_done()
         ranges = [manifest.shard_range(k) for k in todo]
         n_todo = sum(len(r) for r in ranges)
         skipped = sum(len(manifest.shard_range(k)) for k in mine) - n_todo
 
-        dataset = _ExtractDataset(reader, tokens, tcfg.point_range_m, cfg, manifest.variants)
+        dataset = _ExtractDataset(reader, tokens, teacher.point_range_m, cfg, manifest.variants)
         loader = DataLoader(dataset, batch_sampler=_ShardBatches(ranges, cfg.batch_size), collate_fn=_collate,
                             num_workers=cfg.workers, prefetch_factor=2 if cfg.workers > 0 else None)
 
@@ -247,7 +246,9 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
                 if errors:
                     raise errors[0]
                 points = [p.to(device) for it in items for p in it.points]
-                bev = teacher.bev_map(points).float().cpu().numpy()  # (B * V, C, H, W)
+                bev_t = teacher.bev_map(points)
+                check_bev_map(teacher, bev_t, len(points), f"samples {[it.token for it in items]}")
+                bev = bev_t.float().cpu().numpy()  # (B * V, C, H, W)
                 v = manifest.variants.count
                 for j, it in enumerate(items):
                     record = _record(it, bev[j * v:(j + 1) * v], manifest)

@@ -274,8 +274,8 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
         cache_fingerprint = {"teacher": cache.manifest.teacher.checkpoint_sha256,
                              "dataset": cache.manifest.to_dict()["dataset"], "url": cache.url}
     elif cfg.teacher == "online":
-        online = OnlineTeacher(cfg.teacher_checkpoint, reader, device)
-        teacher_grid, teacher_channels = online.cfg.bev_grid, online.cfg.bev_channels
+        online = OnlineTeacher(cfg.teacher_checkpoint, reader, device, cfg.teacher_factory)
+        teacher_grid, teacher_channels = online.grid, online.channels
 
     dataset = CameraDetectionDataset(
         reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
