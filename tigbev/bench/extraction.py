@@ -30,7 +30,7 @@ def _forward_only(ckpt: Path, dataroot: Path, tokens: Sequence[str], device: str
     dev = pick_device(device)
     model, tcfg, _ = load_teacher(ckpt, dev)
     teacher = FrozenTeacher(model)
-    reader = NuScenesReader(dataroot, num_sweeps=tcfg.num_sweeps)
+    reader = NuScenesReader(dataroot, **tcfg.reader_options())
     teacher([torch.from_numpy(reader.load_sample(tokens[0]).lidar.points).to(dev)])  # warm-up
 
     def full(p: Any) -> None:
@@ -101,7 +101,7 @@ def _fidelity(url: str, ckpt: Path, dataroot: Path, preset: str, device: str, ma
     dev = pick_device(device)
     model, tcfg, _ = load_teacher(ckpt, dev)
     teacher = FrozenTeacher(model)
-    reader = NuScenesReader(dataroot, num_sweeps=tcfg.num_sweeps)
+    reader = NuScenesReader(dataroot, **tcfg.reader_options())
     cache = CacheReader(url)
     scfg = student_preset(preset)  # type: ignore[arg-type]
     torch.manual_seed(seed)

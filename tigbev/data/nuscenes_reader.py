@@ -98,10 +98,15 @@ class NuScenesReader:
         dataroot: folder holding ``v1.0-*/`` tables, ``samples/``, ``sweeps/`` and ``maps/``.
         version: the table folder name; found automatically when the dataroot has exactly one.
         num_sweeps: LiDAR sweeps per sample, the key sweep included (1 = key sweep only). Missing earlier sweeps
-            (scene start) are not padded: the sample simply has fewer.
+            (scene start) are not padded, unless ``pad_empty_sweeps``: the sample simply has fewer.
+        remove_close_m: earlier sweeps lose their points with both |x| and |y| below this, in the sweep's own
+            sensor frame, before they are moved into the key frame (mmdet3d's ``remove_close``; 0: none).
+        pad_empty_sweeps: a sample with no earlier sweep at all gets its key sweep again ``num_sweeps - 1`` times
+            (``remove_close`` applied, time lag 0), as mmdet3d's ``LoadPointsFromMultiSweeps(pad_empty_sweeps=True)``.
     """
 
-    def __init__(self, dataroot: str | os.PathLike[str], *, version: str | None = None, num_sweeps: int = 1):
+    def __init__(self, dataroot: str | os.PathLike[str], *, version: str | None = None, num_sweeps: int = 1,
+                 remove_close_m: float = 0.0, pad_empty_sweeps: bool = False):
         self.dataroot = Path(dataroot).expanduser().resolve()
         if not self.dataroot.is_dir():
             raise DatasetError(f"dataroot does not exist or is not a directory: {self.dataroot}")
@@ -115,6 +120,10 @@ class NuScenesReader:
         if num_sweeps < 1:
             raise ValueError(f"num_sweeps must be >= 1 (the key sweep), got {num_sweeps}")
         self.num_sweeps = num_sweeps
+        if not remove_close_m >= 0:
+            raise ValueError(f"remove_close_m must be >= 0, got {remove_close_m}")
+        self.remove_close_m = float(remove_close_m)
+        self.pad_empty_sweeps = bool(pad_empty_sweeps)
 
     @cached_property
     def nusc(self) -> "NuScenes":
@@ -296,6 +305,8 @@ class NuScenesReader:
         for _ in range(self.num_sweeps):
             path = self._sensor_path(sd)
             raw = read_pcd_bin(path)
+            if sd["token"] != lidar_token and self.remove_close_m > 0:
+                raw = self._remove_close(raw)
             pts = np.empty((len(raw), 5), dtype=np.float32)
             if sd["token"] == lidar_token:
                 pts[:, :3] = raw[:, :3]
@@ -309,7 +320,19 @@ class NuScenesReader:
             if not sd["prev"]:
                 break
             sd = nusc.get("sample_data", sd["prev"])
+        if self.pad_empty_sweeps and len(chunks) == 1 and self.num_sweeps > 1:
+            key = chunks[0] if self.remove_close_m <= 0 else chunks[0][self._close_mask(chunks[0])]
+            chunks += [key] * (self.num_sweeps - 1)
+            paths += [paths[0]] * (self.num_sweeps - 1)
         return LidarSweeps(points=np.concatenate(chunks), num_key_points=len(chunks[0]), sweep_paths=tuple(paths))
+
+    def _close_mask(self, points: NDArray[np.float32]) -> NDArray[np.bool_]:
+        """True for the points mmdet3d's ``remove_close`` keeps: not both |x| and |y| below the radius."""
+        r = self.remove_close_m
+        return ~((np.abs(points[:, 0]) < r) & (np.abs(points[:, 1]) < r))
+
+    def _remove_close(self, points: NDArray[np.float32]) -> NDArray[np.float32]:
+        return points[self._close_mask(points)]
 
     def load_cameras(self, sample: dict, lidar_token: str) -> tuple[CameraView, ...]:
         nusc = self.nusc

@@ -29,11 +29,11 @@ class OnlineTeacher:
 
     def __init__(self, checkpoint: Path | None, reader: NuScenesReader, device: torch.device,
                  factory: str | None = None):
-        from tigbev.models.teacher.protocol import load_bev_teacher  # imported only in online mode
+        from tigbev.models.teacher.protocol import load_bev_teacher, reader_options  # only in online mode
 
         self.teacher = load_bev_teacher(checkpoint, device, factory)
         self.grid, self.channels = self.teacher.grid, self.teacher.channels
-        self.reader = NuScenesReader(reader.dataroot, version=reader.version, num_sweeps=self.teacher.num_sweeps)
+        self.reader = NuScenesReader(reader.dataroot, version=reader.version, **reader_options(self.teacher))
         self.device = device
 
     def targets(self, batch: CameraBatch) -> tuple[TeacherTargets, torch.Tensor]:

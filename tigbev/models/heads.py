@@ -74,8 +74,13 @@ class CenterHeadConfig:
     peak_filter: bool = True
     """Keep only 3x3 local maxima of the heatmap before top-k (CenterNet's NMS): a centre's neighbouring cells,
     which carry no trained regression, never become boxes even where the circle radius is below a cell."""
+    post_center_range_m: tuple[float, ...] | None = None
+    """Boxes whose centre (x, y, z) lies outside (x0, y0, z0, x1, y1, z1) are dropped before NMS (mmdet3d's
+    ``post_center_range``, inclusive bounds); None: no such filter."""
 
     def __post_init__(self) -> None:
+        if self.post_center_range_m is not None and len(self.post_center_range_m) != 6:
+            raise ValueError("CenterHeadConfig.post_center_range_m needs (x0, y0, z0, x1, y1, z1)")
         flat = [c for t in self.tasks for c in t]
         unknown = [c for c in flat if c not in DETECTION_CLASSES]
         if unknown:
@@ -286,6 +291,10 @@ class CenterHead(nn.Module):
             labels = torch.as_tensor(self.task_labels[task_idx], device=heat.device)[cls_local]
             for s in range(b):
                 keep = scores[s] > cfg.score_threshold
+                if cfg.post_center_range_m is not None:
+                    lo = boxes.new_tensor(cfg.post_center_range_m[:3])
+                    hi = boxes.new_tensor(cfg.post_center_range_m[3:])
+                    keep &= ((boxes[s][:, :3] >= lo) & (boxes[s][:, :3] <= hi)).all(dim=1)
                 bx, sc, lb = boxes[s][keep], scores[s][keep], labels[s][keep]
                 if len(sc):
                     kept = circle_nms(bx[:, :2], sc, cfg.nms_radii_m[task_idx], cfg.post_max_size)

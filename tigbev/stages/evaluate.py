@@ -65,7 +65,7 @@ def run(cfg: EvaluateConfig, *, progress: bool = True) -> EvaluateResult:
         from tigbev.models.teacher.checkpoint import load_teacher
 
         model, tcfg, _ = load_teacher(cfg.checkpoint, device)
-        reader = NuScenesReader(cfg.dataroot, num_sweeps=tcfg.num_sweeps)
+        reader = NuScenesReader(cfg.dataroot, **tcfg.reader_options())
         preds = predict_teacher(model, reader, reader.sample_tokens(cfg.split), device, cfg.batch_size, progress)
         metrics = score(reader, cfg.split, preds, out, use_camera=False, use_lidar=True,
                         bev_samples=cfg.bev_samples)

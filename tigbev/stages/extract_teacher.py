@@ -52,7 +52,7 @@ from tigbev.data.augment import (
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, NuScenesReader
 from tigbev.data.targets import depth_points, training_boxes
 from tigbev.geometry import BevGrid
-from tigbev.models.teacher.protocol import check_bev_map, load_bev_teacher, manifest_config
+from tigbev.models.teacher.protocol import check_bev_map, load_bev_teacher, manifest_config, reader_options
 from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import provenance
 
@@ -192,7 +192,7 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
     device = pick_device(cfg.device)
     teacher = load_bev_teacher(cfg.teacher_checkpoint, device, cfg.teacher_factory)
     teacher_config = manifest_config(teacher, cfg.teacher_factory)
-    reader = NuScenesReader(cfg.dataroot, num_sweeps=teacher.num_sweeps)
+    reader = NuScenesReader(cfg.dataroot, **reader_options(teacher))
     tokens = reader.sample_tokens(cfg.split) if tokens is None else list(tokens)
     fingerprint = reader.fingerprint(cfg.split, tokens, num_sweeps=teacher.num_sweeps)
     manifest = build_manifest(cfg, teacher_sha=teacher.fingerprint(), teacher_config=teacher_config,

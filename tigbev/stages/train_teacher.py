@@ -58,7 +58,7 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     out, ckpt_path, resuming, device = started.out, started.checkpoint, started.resuming, started.device
     model_cfg = teacher_preset(cfg.preset)
 
-    reader = NuScenesReader(cfg.dataroot, num_sweeps=model_cfg.num_sweeps)
+    reader = NuScenesReader(cfg.dataroot, **model_cfg.reader_options())
     tokens = reader.sample_tokens(cfg.split)
     dataset = LidarDetectionDataset(reader, tokens, model_cfg.point_range_m,
                                      augment=BevAugmentPolicy() if cfg.augment else None, seed=cfg.seed)
@@ -103,7 +103,7 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
     metrics = None
     if cfg.val_split is not None:
         model.eval()
-        eval_reader = NuScenesReader(cfg.dataroot, num_sweeps=model_cfg.num_sweeps)
+        eval_reader = NuScenesReader(cfg.dataroot, **model_cfg.reader_options())
         preds = predict_teacher(model, eval_reader, eval_reader.sample_tokens(cfg.val_split), device,
                                 cfg.batch_size, progress)
         metrics = score(eval_reader, cfg.val_split, preds, out / "eval", use_camera=False, use_lidar=True,

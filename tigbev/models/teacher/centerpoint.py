@@ -21,6 +21,9 @@ from tigbev.models.heads import (
     CenterHeadConfig,
 )
 from tigbev.models.spconv_compat import set_conv_algo
+
+MMDET3D_POST_CENTER_RANGE_M: tuple[float, ...] = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
+"""``post_center_range`` of mmdetection3d's centerpoint_01voxel_second_secfpn nuScenes config."""
 from tigbev.models.teacher.backbone import SecondBackbone, SecondFpn, SparseEncoder
 from tigbev.models.teacher.voxelizer import Voxelizer
 
@@ -53,6 +56,21 @@ class TeacherConfig:
     nms_radii_m: tuple[float, ...] = NUSCENES_NMS_RADII_M
     head_share_channels: int = 64
     head_channels: int = 64
+    # How points are loaded and boxes decoded. The nuscenes preset takes mmdetection3d's published test
+    # configuration of this model (what imported weights were evaluated with); the defaults keep tigbev's own.
+    peak_filter: bool = True
+    """3x3 max-pool peak filter on the heatmap before top-k (mmdet3d's ``max_pool_nms``; off in its nuScenes test
+    config, which uses circle NMS only)."""
+    post_center_range_m: tuple[float, ...] | None = None
+    """Drop decoded boxes whose centre lies outside (x0, y0, z0, x1, y1, z1) (mmdet3d's ``post_center_range``)."""
+    strict_range: bool = False
+    """Keep only points strictly inside ``point_range_m`` (mmdet3d's ``PointsRangeFilter``)."""
+    sweeps_remove_close_m: float = 0.0
+    """Drop earlier-sweep points with |x| and |y| both below this, in the sweep's own frame (mmdet3d's
+    ``remove_close``, radius 1.0); 0: keep them."""
+    pad_empty_sweeps: bool = False
+    """A sample without earlier sweeps (a scene's first) gets its key sweep repeated ``num_sweeps - 1`` times with
+    time lag 0 (mmdet3d's ``pad_empty_sweeps``)."""
 
     def __post_init__(self) -> None:
         if self.num_sweeps < 1:
@@ -78,6 +96,11 @@ class TeacherConfig:
     def bev_channels(self) -> int:
         return sum(self.fpn_channels)
 
+    def reader_options(self) -> dict[str, Any]:
+        """How this teacher's points are read: ``NuScenesReader(dataroot, **cfg.reader_options())``."""
+        return {"num_sweeps": self.num_sweeps, "remove_close_m": self.sweeps_remove_close_m,
+                "pad_empty_sweeps": self.pad_empty_sweeps}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -95,7 +118,8 @@ def teacher_preset(name: str) -> TeacherConfig:
     at 1.6 m)."""
     match name:
         case "nuscenes":
-            return TeacherConfig()
+            return TeacherConfig(peak_filter=False, post_center_range_m=MMDET3D_POST_CENTER_RANGE_M,
+                                 strict_range=True, sweeps_remove_close_m=1.0, pad_empty_sweeps=True)
         case "demo":
             return TeacherConfig(
                 voxel_size_m=(0.2, 0.2, 0.2), max_voxels=60_000, num_sweeps=3,
@@ -122,7 +146,8 @@ class CenterPoint(nn.Module):
     def __init__(self, cfg: TeacherConfig):
         super().__init__()
         self.cfg = cfg
-        self.voxelizer = Voxelizer(cfg.point_range_m, cfg.voxel_size_m, cfg.max_points_per_voxel, cfg.max_voxels)
+        self.voxelizer = Voxelizer(cfg.point_range_m, cfg.voxel_size_m, cfg.max_points_per_voxel, cfg.max_voxels,
+                                   strict_range=cfg.strict_range)
         z_cells = self.voxelizer.sparse_shape_zyx[0] + 1  # mmdetection3d pads z by one cell (41 for 8 m / 0.2 m)
         self.sparse_shape = [z_cells, *self.voxelizer.sparse_shape_zyx[1:]]
         self.middle_encoder = SparseEncoder(cfg.point_features, self.sparse_shape, cfg.base_channels,
@@ -133,7 +158,8 @@ class CenterPoint(nn.Module):
         self.neck = SecondFpn(cfg.second_channels, cfg.fpn_channels, cfg.fpn_strides)
         self.head = CenterHead(CenterHeadConfig(
             in_channels=self.neck.out_channels, grid=cfg.bev_grid, tasks=cfg.tasks, nms_radii_m=cfg.nms_radii_m,
-            share_channels=cfg.head_share_channels, head_channels=cfg.head_channels,
+            share_channels=cfg.head_share_channels, head_channels=cfg.head_channels, peak_filter=cfg.peak_filter,
+            post_center_range_m=cfg.post_center_range_m,
         ))
 
     def _encoder_height_cells(self) -> int:

@@ -7,7 +7,8 @@ A teacher is an object with
   on ``grid`` (row ``iy`` along y, column ``ix`` along x, docs/COORDINATES.md), computed without gradients;
 - ``grid`` (:class:`~tigbev.geometry.BevGrid`), ``channels`` (C), ``num_sweeps`` (LiDAR sweeps per sample it reads,
   the key sweep included), ``point_range_m`` (x0, y0, z0, x1, y1, z1: the boxes cached are those with their centre
-  inside it);
+  inside it); optionally ``sweeps_remove_close_m`` and ``pad_empty_sweeps`` (how earlier sweeps are read:
+  :class:`~tigbev.data.nuscenes_reader.NuScenesReader`; default 0 and False);
 - ``fingerprint() -> str``: what identifies its weights (a SHA-256), recorded in the cache and compared on resume;
 - ``describe() -> dict``: its configuration as JSON, recorded in the cache's manifest.
 
@@ -27,7 +28,8 @@ import torch
 from tigbev.errors import TigbevError
 from tigbev.geometry import BevGrid
 
-__all__ = ["BevTeacher", "CenterPointTeacher", "check_bev_map", "load_bev_teacher"]
+__all__ = ["BevTeacher", "CenterPointTeacher", "check_bev_map", "load_bev_teacher", "manifest_config",
+           "reader_options"]
 
 _ATTRIBUTES = ("grid", "channels", "num_sweeps", "point_range_m", "bev_map", "fingerprint", "describe")
 
@@ -60,6 +62,7 @@ class CenterPointTeacher:
         self._sha = file_sha256(self.path)
         self.grid, self.channels = self.cfg.bev_grid, self.cfg.bev_channels
         self.num_sweeps, self.point_range_m = self.cfg.num_sweeps, tuple(self.cfg.point_range_m)
+        self.sweeps_remove_close_m, self.pad_empty_sweeps = self.cfg.sweeps_remove_close_m, self.cfg.pad_empty_sweeps
 
     def bev_map(self, points: list[torch.Tensor]) -> torch.Tensor:
         return self.frozen.bev_map(points)
@@ -104,6 +107,13 @@ def load_bev_teacher(checkpoint: Path | None, device: torch.device, factory: str
     if not isinstance(teacher.fingerprint(), str) or not teacher.fingerprint():
         raise TigbevError(f"--teacher-factory {factory!r}: fingerprint() must return a non-empty string")
     return teacher
+
+
+def reader_options(teacher: BevTeacher) -> dict[str, Any]:
+    """How the teacher's points are read: ``NuScenesReader(dataroot, **reader_options(teacher))``."""
+    return {"num_sweeps": teacher.num_sweeps,
+            "remove_close_m": float(getattr(teacher, "sweeps_remove_close_m", 0.0)),
+            "pad_empty_sweeps": bool(getattr(teacher, "pad_empty_sweeps", False))}
 
 
 def check_bev_map(teacher: BevTeacher, bev: torch.Tensor, batch: int, what: str) -> None:

@@ -38,12 +38,16 @@ class Voxelizer(nn.Module):
     """
 
     def __init__(self, point_range_m: Sequence[float], voxel_size_m: Sequence[float], max_points_per_voxel: int,
-                 max_voxels: int):
+                 max_voxels: int, strict_range: bool = False):
         super().__init__()
+        self.strict_range = strict_range
+        """Keep only points strictly inside the range on every face (mmdet3d's ``PointsRangeFilter``, applied before
+        its voxeliser); otherwise the voxeliser's own rule, ``min <= p < max``."""
         if len(point_range_m) != 6 or len(voxel_size_m) != 3:
             raise ValueError("point_range_m needs 6 values and voxel_size_m 3")
         self.register_buffer("range_min", torch.tensor(point_range_m[:3], dtype=torch.float32), persistent=False)
         self.register_buffer("voxel_size", torch.tensor(voxel_size_m, dtype=torch.float32), persistent=False)
+        self.register_buffer("range_max", torch.tensor(point_range_m[3:], dtype=torch.float32), persistent=False)
         extent = [(point_range_m[i + 3] - point_range_m[i]) / voxel_size_m[i] for i in range(3)]
         self.grid_xyz = tuple(round(e) for e in extent)  # cells along x, y, z
         if any(abs(e - round(e)) > 1e-4 for e in extent):
@@ -65,6 +69,9 @@ class Voxelizer(nn.Module):
         idx_xyz = torch.floor((points[:, :3] - self.range_min) / self.voxel_size).long()  # (N, 3)
         grid = torch.tensor(self.grid_xyz, device=points.device)
         inside = ((idx_xyz >= 0) & (idx_xyz < grid)).all(dim=1)
+        if self.strict_range:
+            xyz = points[:, :3].to(self.range_min.dtype)
+            inside &= ((xyz > self.range_min) & (xyz < self.range_max)).all(dim=1)
         pts, idx_xyz = points[inside], idx_xyz[inside]
         if len(pts) == 0:
             return points.new_zeros((0, c)), torch.zeros((0, 3), dtype=torch.int32, device=points.device), \
