@@ -265,7 +265,9 @@ class CacheWriter:
         expected = list(m.shard_range(shard))
         if [r.sample_idx for r in records] != expected:
             raise CacheError(f"shard {shard} must hold samples {expected[0]}..{expected[-1]} in order")
-        if self.done_flags()[expected[0]:expected[-1] + 1].all():
+        with remote_errors(self.url):  # this shard's flags only: reading all of them per shard is quadratic
+            done = np.asarray(self.group["done"][expected[0]:expected[-1] + 1]).astype(bool)
+        if done.all():
             raise CacheError(f"{self.url}: shard {shard} is already complete; it is not written again")
         try:
             with remote_errors(self.url):
