@@ -79,11 +79,17 @@ def _write(url: str, n: int, channels: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     m = writer.manifest
     t = time.perf_counter()
+    quarters, marks = [m.num_shards * q // 4 for q in (1, 2, 3, 4)], []
     with writer.lease(list(range(m.num_shards))):
         for shard in range(m.num_shards):
             writer.write_shard(shard, [_record(m, i, rng) for i in m.shard_range(shard)])
+            if shard + 1 in quarters:
+                marks.append(time.perf_counter() - t)
         assert writer.finalize()
-    return {"seconds": time.perf_counter() - t}
+    spans = [b - a for a, b in zip([0.0, *marks[:-1]], marks)]
+    # Within one run: a write that slowed down as the store grows shows as a last quarter slower than the first.
+    return {"seconds": time.perf_counter() - t, "quarter_seconds": spans,
+            "last_over_first_quarter": spans[-1] / spans[0] if spans[0] > 0 else float("nan")}
 
 
 def _info(url: str, n: int, channels: int) -> dict[str, Any]:
@@ -183,15 +189,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sizes", default="1000,7000,28130")
     ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of the steps (write first)")
     args = ap.parse_args()
+    steps = [x for x in STEPS if x in args.steps.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {step: {} for step in STEPS}
-    with tqdm(total=len(sizes) * len(STEPS), desc="scale", unit="step") as bar:
+    results: dict[str, dict[str, Any]] = {step: {} for step in steps}
+    with tqdm(total=len(sizes) * len(steps), desc="scale", unit="step") as bar:
         for n in sizes:
             url = str(args.out / f"cache-{n}")
             shutil.rmtree(url, ignore_errors=True)
-            for step in STEPS:
+            for step in steps:
                 results[step][str(n)] = run_step(step, url, n, args.channels)
                 bar.update(1)
             shutil.rmtree(url, ignore_errors=True)
@@ -205,6 +213,10 @@ def main() -> None:
     head = "| step | " + " | ".join(f"{n} samples: s (MiB peak)" for n in sizes) + \
         f" | per sample at {sizes[-1]} over {sizes[0]} |"
     lines = [head, "|---|" + "---|" * (len(sizes) + 1)]
+    if "write (extraction's writer)" in results:
+        w = results["write (extraction's writer)"]
+        lines.insert(0, "Writer, last quarter of the shards over the first (same run; 1.0 = linear): " + ", ".join(
+            f"{n}: {w[str(n)]['last_over_first_quarter']:.2f}" for n in sizes) + "\n")
     for step, per in results.items():
         cells = [f"{per[str(n)]['seconds']:.2f} ({per[str(n)]['peak_rss_mib']:.0f})" for n in sizes]
         lines.append(f"| {step} | " + " | ".join(cells) + f" | {per[str(sizes[-1])]['per_sample_over_smallest']:.2f} |")
