@@ -65,7 +65,7 @@ def _record(m: Any, i: int, rng: np.random.Generator) -> Any:
     cells = foreground_cells(box_keypoints(boxes, m.keypoints), m.grid, m.features.margin_cells)
     feats, scale = quantise(rng.normal(size=(len(cells), m.features.channels)).astype(np.float32), "float16",
                             channel_axis=1)
-    return SampleRecord(sample_idx=i, token=_tokens(i + 1)[-1], scene=f"scene-{i // 40:04d}", timestamp_us=i,
+    return SampleRecord(sample_idx=i, token=f"{i:032x}", scene=f"scene-{i // 40:04d}", timestamp_us=i,
                         boxes=boxes, depth=depth, depth_per_camera=[10] * 6,
                         variants=(MapVariant(aug_from_lidar=np.eye(4, dtype=np.float32), cells=cells, features=feats,
                                              scale=scale),))
@@ -113,9 +113,10 @@ def _reader_start(url: str, n: int, channels: int) -> dict[str, Any]:
     """What a DataLoader worker does first: open the store, the manifest and the index, read one sample."""
     from tigbev.cache.store import CacheReader
 
+    last = f"{n - 1:032x}"
     t = time.perf_counter()
     r = CacheReader(url)
-    r.read(r.sample_idx(_tokens(n)[-1]))
+    r.read(r.sample_idx(last))
     return {"seconds": time.perf_counter() - t}
 
 
