@@ -190,9 +190,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sizes", default="1000,7000,28130")
     ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of the steps (write first)")
+    ap.add_argument("--steps", default=";".join(STEPS), help="';'-separated subset of the steps (write first)")
     args = ap.parse_args()
-    steps = [x for x in STEPS if x in args.steps.split(",")]
+    steps = [x for x in STEPS if x in args.steps.split(";")]
     sizes = [int(s) for s in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {step: {} for step in steps}
