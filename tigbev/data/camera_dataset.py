@@ -29,9 +29,9 @@ from tigbev.data.augment import BevAugmentPolicy, BevTransform, choose_variant, 
 from tigbev.data.camera_batch import CameraBatch, TeacherTargets
 from tigbev.data.image_aug import ImageAugPolicy, ImageTransform
 from tigbev.data.nuscenes_reader import CAMERA_CHANNELS, LIDAR_CHANNEL, NuScenesReader
+from tigbev.data.targets import depth_points, nearest_depth_map, training_boxes
 from tigbev.data.types import CameraView
 from tigbev.errors import DatasetError
-from tigbev.data.targets import depth_points, nearest_depth_map, training_boxes
 from tigbev.geometry import BevGrid, box_keypoints_xy
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CameraDetectionDataset", "CameraSample", "collate_camera",
@@ -256,7 +256,6 @@ class CameraDetectionDataset(Dataset):
             sample.kp_teacher_xy = torch.from_numpy(kp_teacher)
             sample.map_from_lidar = torch.from_numpy(np.asarray(map_frame, np.float32))
         return sample
-
 
     def _add_previous_frames(self, sample: CameraSample, lidar_token: str, cams: Sequence[CameraView],
                              img_tfs: Sequence[ImageTransform]) -> None:

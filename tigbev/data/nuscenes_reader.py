@@ -321,18 +321,15 @@ class NuScenesReader:
                 break
             sd = nusc.get("sample_data", sd["prev"])
         if self.pad_empty_sweeps and len(chunks) == 1 and self.num_sweeps > 1:
-            key = chunks[0] if self.remove_close_m <= 0 else chunks[0][self._close_mask(chunks[0])]
+            key = chunks[0] if self.remove_close_m <= 0 else self._remove_close(chunks[0])
             chunks += [key] * (self.num_sweeps - 1)
             paths += [paths[0]] * (self.num_sweeps - 1)
         return LidarSweeps(points=np.concatenate(chunks), num_key_points=len(chunks[0]), sweep_paths=tuple(paths))
 
-    def _close_mask(self, points: NDArray[np.float32]) -> NDArray[np.bool_]:
-        """True for the points mmdet3d's ``remove_close`` keeps: not both |x| and |y| below the radius."""
-        r = self.remove_close_m
-        return ~((np.abs(points[:, 0]) < r) & (np.abs(points[:, 1]) < r))
-
     def _remove_close(self, points: NDArray[np.float32]) -> NDArray[np.float32]:
-        return points[self._close_mask(points)]
+        """The points mmdet3d's ``remove_close`` keeps: not both |x| and |y| below the radius."""
+        r = self.remove_close_m
+        return points[~((np.abs(points[:, 0]) < r) & (np.abs(points[:, 1]) < r))]
 
     def load_cameras(self, sample: dict, lidar_token: str) -> tuple[CameraView, ...]:
         nusc = self.nusc

@@ -29,8 +29,13 @@ class OnlineTeacher:
 
     def __init__(self, checkpoint: Path | None, reader: NuScenesReader, device: torch.device,
                  factory: str | None = None):
-        from tigbev.models.teacher.protocol import load_bev_teacher, reader_options  # only in online mode
+        from tigbev.models.teacher.protocol import (  # imported only in online mode
+            check_bev_map,
+            load_bev_teacher,
+            reader_options,
+        )
 
+        self._check_map = check_bev_map
         self.teacher = load_bev_teacher(checkpoint, device, factory)
         self.grid, self.channels = self.teacher.grid, self.teacher.channels
         self.reader = NuScenesReader(reader.dataroot, version=reader.version, **reader_options(self.teacher))
@@ -52,10 +57,8 @@ class OnlineTeacher:
             else:
                 p = torch.from_numpy(self.reader.load_sample(token).lidar.points).to(self.device)
             points.append(p if frames is None else _move_points(p, frames[i].to(self.device)))
-        from tigbev.models.teacher.protocol import check_bev_map
-
         fmap = self.teacher.bev_map(points).clone()  # (B, C, H, W), the map only, as an ordinary tensor
-        check_bev_map(self.teacher, fmap, len(points), f"samples {batch.tokens}")
+        self._check_map(self.teacher, fmap, len(points), f"samples {batch.tokens}")
         targets = dataclasses.replace(batch.teacher.to(self.device), map_cells=None, map_features=fmap)
         return targets, fmap
 

@@ -289,12 +289,12 @@ class CenterHead(nn.Module):
             yaw = torch.atan2(vals[..., 6], vals[..., 7])
             boxes = torch.cat([x[..., None], y[..., None], vals[..., 2:3], lwh, yaw[..., None], vals[..., 8:10]], -1)
             labels = torch.as_tensor(self.task_labels[task_idx], device=heat.device)[cls_local]
+            keep_all = scores > cfg.score_threshold  # (B, k)
+            if cfg.post_center_range_m is not None:
+                lo, hi = boxes.new_tensor(cfg.post_center_range_m[:3]), boxes.new_tensor(cfg.post_center_range_m[3:])
+                keep_all &= ((boxes[..., :3] >= lo) & (boxes[..., :3] <= hi)).all(dim=-1)
             for s in range(b):
-                keep = scores[s] > cfg.score_threshold
-                if cfg.post_center_range_m is not None:
-                    lo = boxes.new_tensor(cfg.post_center_range_m[:3])
-                    hi = boxes.new_tensor(cfg.post_center_range_m[3:])
-                    keep &= ((boxes[s][:, :3] >= lo) & (boxes[s][:, :3] <= hi)).all(dim=1)
+                keep = keep_all[s]
                 bx, sc, lb = boxes[s][keep], scores[s][keep], labels[s][keep]
                 if len(sc):
                     kept = circle_nms(bx[:, :2], sc, cfg.nms_radii_m[task_idx], cfg.post_max_size)
