@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     skip_slow = pytest.mark.skip(reason="slow: pass --run-slow to run it")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    # TIGBEV_GPU_CHECK_DEVICE=cpu rehearses the GPU tests on the CPU (scripts/gpu_check.sh --rehearse).
+    rehearse = os.environ.get("TIGBEV_GPU_CHECK_DEVICE") == "cpu"
     for item in items:
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords and not (torch.cuda.is_available() or rehearse):
             item.add_marker(skip_gpu)
 
 

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 
 from tigbev.bench.config import BenchConfig as _BenchConfig
@@ -83,13 +82,27 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _passthrough() -> tuple[type[BaseException], ...]:
+    """The exceptions typer reports itself: its own, and click's where typer still uses the click package (typer
+    0.2x carries its own copy, and click need not be installed)."""
+    own = (typer.Exit, typer.Abort, getattr(typer.exceptions, "TyperException", typer.Exit))
+    try:
+        import click
+    except ImportError:
+        return own
+    return (*own, click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
+
+
+_PASSTHROUGH = _passthrough()
+
+
 def _guarded(command: _F) -> _F:
     """Every failure of a command is one line on stderr and exit code 2; --debug (or TIGBEV_DEBUG=1) re-raises."""
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except _PASSTHROUGH:
             raise
         except Exception as exc:  # noqa: BLE001 - the one place that turns failures into one line
             if _debug["on"] or os.environ.get(_DEBUG_ENV, "") not in ("", "0"):
@@ -517,6 +530,9 @@ def bench(
     seed: Annotated[int | None, typer.Option(help=f"(default {_default(_BenchConfig, 'seed')})")] = None,
     frames: Annotated[int | None, typer.Option(min=1, help=(
         "Also time the cache mode's step with this many key frames per sample (BEVDet4D: 2)."))] = None,
+    cache: Annotated[str | None, typer.Option(help=(
+        "Time the student side alone from this cache of --split (no teacher, spconv or devkit needed: the GPU "
+        "check)."))] = None,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration (tests).")] = False,
 ) -> None:
     """Cost of distillation with and without the cache: steps, loader, extraction, storage, growth; side by side."""
@@ -525,7 +541,7 @@ def bench(
     result = run(_BenchConfig(preset=preset, out_dir=out, tiny=tiny,  # type: ignore[arg-type]
                               **_given(dataroot=dataroot, split=split, teacher_checkpoint=teacher_checkpoint,
                                        repeats=repeats, steps=steps, samples=samples, device=device, seed=seed,
-                                       frames=frames)))
+                                       frames=frames, cache=cache)))
     typer.echo(result.markdown_path.read_text())
     typer.echo(f"wrote {result.json_path}, {result.markdown_path}, {result.plot_path}")
 

@@ -66,6 +66,9 @@ class BenchConfig:
     frames: int = 1
     """With > 1 the step comparison also times the cache mode with that many key frames per sample (BEVDet4D),
     side by side with the single-frame modes (mode ``cache_<N>f``)."""
+    cache: str | None = None
+    """The student side alone, from this cache of ``split`` (no teacher, no spconv, no extraction): the training
+    step without distillation and from the cache, and the cache's read rate. What the GPU check runs."""
     tiny: bool = False
     """Seconds-long smoke configuration (tests): tiny synthetic world, 1 repeat, 1 step, growth 1x/2x."""
     progress: bool = True
@@ -77,6 +80,8 @@ class BenchConfig:
         if self.preset == "nuscenes" and self.dataroot is None:
             raise ValueError("BenchConfig.dataroot: the nuscenes preset needs --dataroot (a nuScenes-format dataroot, "
                              "e.g. ../shared/data/nuscenes-real-slice)")
+        if self.cache is not None and self.dataroot is None:
+            raise ValueError("BenchConfig.cache: the student-side bench needs the cache's --dataroot and --split")
         if self.frames < 1:
             raise ValueError(f"BenchConfig.frames must be >= 1, got {self.frames}")
         if self.repeats < 1:

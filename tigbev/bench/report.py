@@ -44,30 +44,14 @@ def evaluate_goals(report: dict[str, Any]) -> dict[str, Any]:
 
 def markdown_tables(report: dict[str, Any]) -> str:
     """The bench's tables in Markdown (every number with its unit)."""
-    mib = 2 ** 20
     teacher = "seeded random weights" if report["teacher"]["random_weights"] else report["teacher"]["checkpoint"]
     about = (f"Data: {report['dataset']['description']}; teacher: {teacher}; batch 1; {report['config']['repeats']} "
              f"repeats x {report['config']['steps']} interleaved steps per mode, medians; peak memory: "
              f"{report['peak_memory_method']}.")
-    header = ("| training step | step (s) | x no-distill | teacher targets (s) | peak memory (MiB) | x no-distill | "
-              "sample load, no workers (s) |")
-    lines = [f"### `{report['preset']}` preset, {report['device_name']} ({report['date']})", "", about, "",
-             header, "|---|---|---|---|---|---|---|"]
-    names = {"none": "no distillation", "cache": "TiG-BEV from the cache", "online": "TiG-BEV, online teacher"}
-    for mode, s in report["step"].items():
-        name = names.get(mode) or f"TiG-BEV from the cache, {mode.removeprefix('cache_').removesuffix('f')} key frames"
-        lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['ratio_to_none']:.2f} | "
-                     f"{s['median_targets_s']:.3f} | {s['peak_memory_bytes'] / mib:.0f} | "
-                     f"{s['peak_memory_ratio_to_none']:.2f} | {s['sample_load_s']:.3f} |")
-    ld = report["loader"]
-    lines += ["", "| loader | cache | raw memmap | cache / memmap |", "|---|---|---|---|",
-              (f"| read per sample, in process (ms) | {1e3 * ld['cache_read_s_per_sample']:.2f} | "
-               f"{1e3 * ld['memmap_read_s_per_sample']:.3f} | {1 / ld['cache_over_memmap_time']:.2f}x rate |")]
-    for w, r in ld["workers"].items():
-        lines.append(f"| {w} worker(s) (samples/s) | {r['cache_samples_per_s']:.0f} | {r['memmap_samples_per_s']:.0f}"
-                     f" | {r['cache_over_memmap']:.2f}x rate |")
-    lines.append(f"| training wait for data (cache mode, 1 worker) | {100 * ld['wait_fraction']:.1f}% of the step "
-                 f"time | | |")
+    lines = [f"### `{report['preset']}` preset, {report['device_name']} ({report['date']})", "", about, ""]
+    lines += step_and_loader_tables(report)
+    lines.append(f"| training wait for data (cache mode, 1 worker) | {100 * report['loader']['wait_fraction']:.1f}% "
+                 f"of the step time | | |")
     ex = report["extraction"]
     lines += ["", f"| extraction ({ex['samples']} samples) | samples/s | x forward-only |", "|---|---|---|",
               f"| teacher forward-only (read sweeps + forward) | {ex['forward_only_samples_per_s']:.2f} | 1.00 |",
@@ -115,6 +99,27 @@ def markdown_tables(report: dict[str, Any]) -> str:
         lines.append(f"| {goal['description']} | {op} {goal['target']:g} | {goal['value']:.3g}{where} | "
                      f"{'yes' if goal['holds'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def step_and_loader_tables(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: the training step of each mode, then cache reads against a raw memmap."""
+    mib = 2 ** 20
+    lines = [("| training step | step (s) | x no-distill | teacher targets (s) | peak memory (MiB) | x no-distill | "
+              "sample load, no workers (s) |"), "|---|---|---|---|---|---|---|"]
+    names = {"none": "no distillation", "cache": "TiG-BEV from the cache", "online": "TiG-BEV, online teacher"}
+    for mode, s in report["step"].items():
+        name = names.get(mode) or f"TiG-BEV from the cache, {mode.removeprefix('cache_').removesuffix('f')} key frames"
+        lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['ratio_to_none']:.2f} | "
+                     f"{s['median_targets_s']:.3f} | {s['peak_memory_bytes'] / mib:.0f} | "
+                     f"{s['peak_memory_ratio_to_none']:.2f} | {s['sample_load_s']:.3f} |")
+    ld = report["loader"]
+    lines += ["", "| loader | cache | raw memmap | cache / memmap |", "|---|---|---|---|",
+              (f"| read per sample, in process (ms) | {1e3 * ld['cache_read_s_per_sample']:.2f} | "
+               f"{1e3 * ld['memmap_read_s_per_sample']:.3f} | {1 / ld['cache_over_memmap_time']:.2f}x rate |")]
+    for w, r in ld["workers"].items():
+        lines.append(f"| {w} worker(s) (samples/s) | {r['cache_samples_per_s']:.0f} | {r['memmap_samples_per_s']:.0f}"
+                     f" | {r['cache_over_memmap']:.2f}x rate |")
+    return lines
 
 
 def bda_table(bda: dict[str, Any]) -> list[str]:

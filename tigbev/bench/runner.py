@@ -24,11 +24,12 @@ from tigbev.bench.report import (
     finite_json,
     markdown_tables,
     plot_report,
+    step_and_loader_tables,
 )
 from tigbev.bench.steps import ModeSpec, bench_steps
 from tigbev.bench.world import extract, prepare_data, prepare_teacher
 
-__all__ = ["run"]
+__all__ = ["run", "run_student_side"]
 
 
 def run(cfg: BenchConfig) -> BenchResult:
@@ -41,6 +42,8 @@ def run(cfg: BenchConfig) -> BenchResult:
     from tigbev.utils.provenance import provenance, write_json_atomic
     from tigbev.utils.run_dir import check_output_dir
 
+    if cfg.cache is not None:
+        return run_student_side(cfg)
     res = cfg.resolved()
     out = cfg.out_dir
     check_output_dir(out, owns=lambda name: name in ("work", "bench.json", "bench.md", "bench.png")
@@ -151,3 +154,74 @@ def run(cfg: BenchConfig) -> BenchResult:
     md_path.write_text(markdown_tables(report))
     plot_path = plot_report(report, out / "bench.png")
     return BenchResult(json_path=json_path, markdown_path=md_path, plot_path=plot_path, report=report)
+
+
+def run_student_side(cfg: BenchConfig) -> BenchResult:
+    """The student side from an existing cache: steps without distillation and from the cache (and with
+    ``cfg.frames`` key frames), and the cache's read rate. Imports neither spconv nor the devkit, so it runs on a
+    CUDA machine with numpy 2 and no teacher stack (``scripts/gpu_check.sh``)."""
+    import torch
+
+    from tigbev.cache.store import CacheReader
+    from tigbev.utils.device import pick_device
+    from tigbev.utils.provenance import provenance, write_json_atomic
+    from tigbev.utils.run_dir import check_output_dir
+
+    assert cfg.cache is not None and cfg.dataroot is not None
+    res = cfg.resolved()
+    out = cfg.out_dir
+    check_output_dir(out, owns=lambda name: name in ("work", "bench.json", "bench.md", "bench.png")
+                     or name.startswith(".bench.json.tmp"), what="tigbev bench")
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    tokens = CacheReader(cfg.cache).tokens  # the whole cache: its compatibility check is over its token list
+    common: dict[str, Any] = {"preset": cfg.preset, "dataroot": str(cfg.dataroot), "split": res["split"],
+                              "tokens": tuple(tokens), "teacher_checkpoint": None,
+                              "keypoint_grid": res["keypoint_grid"], "device": cfg.device, "seed": cfg.seed,
+                              "batches": min(len(tokens), res["steps"] + 1, res["samples"])}
+    specs = {m: ModeSpec(mode=m, cache=cfg.cache if m == "cache" else None, **common) for m in ("none", "cache")}
+    if cfg.frames > 1:
+        specs[f"cache_{cfg.frames}f"] = ModeSpec(mode="cache", cache=cfg.cache, frames=cfg.frames, **common)
+    report: dict[str, Any] = {
+        "preset": cfg.preset, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads",
+        "peak_memory_method": "torch.cuda.max_memory_allocated per mode" if device.type == "cuda"
+        else "peak RSS of each mode's own process (getrusage ru_maxrss)",
+        "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in res.items()},
+                   "dataroot": str(cfg.dataroot), "cache": cfg.cache, "student_side_only": True},
+        "provenance": provenance(),
+    }
+    report["step"] = bench_steps(specs, repeats=res["repeats"], steps=res["steps"], progress=cfg.progress)
+    report["loader"] = bench_loader(cfg.cache, work, repeats=res["repeats"], workers=res["loader_workers"],
+                                    n_items=max(16, res["samples"] * 4))
+    json_path = write_json_atomic(out / "bench.json", finite_json(report))
+    md_path = out / "bench.md"
+    md_path.write_text("\n".join([
+        f"### `{cfg.preset}` preset, student side only, {report['device_name']} ({report['date']})", "",
+        f"Cache {cfg.cache} ({len(tokens)} samples of {res['split']}); batch 1; {res['repeats']} repeats x "
+        f"{res['steps']} interleaved steps per mode, medians; peak memory: {report['peak_memory_method']}.", ""]
+        + step_and_loader_tables(report)) + "\n")
+    return BenchResult(json_path=json_path, markdown_path=md_path, plot_path=_plot_steps(report, out / "bench.png"),
+                       report=report)
+
+
+def _plot_steps(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(report["step"])
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    ax.bar(modes, [report["step"][m]["median_step_s"] for m in modes], color=["#888", "#2a7", "#27c"][:len(modes)])
+    for i, m in enumerate(modes):
+        ax.text(i, report["step"][m]["median_step_s"], f"{report['step'][m]['ratio_to_none']:.2f}x", ha="center",
+                va="bottom")
+    ax.set_ylabel("training step (s)")
+    ax.set_title(f"student step per mode, {report['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -6,6 +6,7 @@ from typing import Final
 
 __all__ = [
     "ATTRIBUTES",
+    "CATEGORY_TO_DETECTION",
     "CLASS_ATTRIBUTES",
     "DEFAULT_ATTRIBUTE",
     "DETECTION_CLASSES",
@@ -67,11 +68,34 @@ DEFAULT_ATTRIBUTE: Final[dict[str, str]] = {
 def detection_name_of_category(category_name: str) -> str | None:
     """The detection class of a nuScenes category (e.g. 'vehicle.bus.rigid' -> 'bus'), or None if it has none.
 
-    Delegates to the devkit so the mapping is the benchmark's own.
+    Delegates to the devkit so the mapping is the benchmark's own; where the devkit does not import (numpy 2),
+    :data:`CATEGORY_TO_DETECTION` holds the same mapping (a test compares the two).
     """
-    from nuscenes.eval.detection.utils import category_to_detection_name
-
+    try:
+        from nuscenes.eval.detection.utils import category_to_detection_name
+    except ImportError:
+        return CATEGORY_TO_DETECTION.get(category_name)
     return category_to_detection_name(category_name)
+
+
+# The nuScenes detection benchmark's category mapping (pedestrian leaves out personal mobility, strollers and
+# wheelchairs; animals, debris and the like have no detection class).
+CATEGORY_TO_DETECTION: dict[str, str] = {
+    "human.pedestrian.adult": "pedestrian",
+    "human.pedestrian.child": "pedestrian",
+    "human.pedestrian.construction_worker": "pedestrian",
+    "human.pedestrian.police_officer": "pedestrian",
+    "movable_object.barrier": "barrier",
+    "movable_object.trafficcone": "traffic_cone",
+    "vehicle.bicycle": "bicycle",
+    "vehicle.bus.bendy": "bus",
+    "vehicle.bus.rigid": "bus",
+    "vehicle.car": "car",
+    "vehicle.construction": "construction_vehicle",
+    "vehicle.motorcycle": "motorcycle",
+    "vehicle.trailer": "trailer",
+    "vehicle.truck": "truck",
+}
 
 
 def attribute_from_velocity(name: str, speed_mps: float, moving_above_mps: float = 0.2) -> str:

@@ -1,7 +1,8 @@
 """nuScenes-format datasets through nuscenes-devkit, converted once into typed frames in the key lidar frame.
 
 This is the only module that reads the devkit's tables for training data; it is also the project's one shim for
-devkit quirks (predefined vs. custom splits, verbose loading, NaN velocities).
+devkit quirks (predefined vs. custom splits, verbose loading, NaN velocities). Where the devkit cannot be imported
+(a numpy-2 CUDA machine), the same tables are read by :class:`tigbev.data.tables.NuScenesTables`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from numpy.typing import NDArray
 
 from tigbev.cache.schema import DatasetFingerprint, tokens_sha256
 from tigbev.data.classes import DETECTION_CLASSES, detection_name_of_category
+from tigbev.data.tables import NuScenesTables, devkit_available
 from tigbev.data.types import CameraView, GtBoxes, LidarSweeps, SampleFrame
 from tigbev.errors import DatasetError
 from tigbev.geometry import (
@@ -103,10 +105,12 @@ class NuScenesReader:
             sensor frame, before they are moved into the key frame (mmdet3d's ``remove_close``; 0: none).
         pad_empty_sweeps: a sample with no earlier sweep at all gets its key sweep again ``num_sweeps - 1`` times
             (``remove_close`` applied, time lag 0), as mmdet3d's ``LoadPointsFromMultiSweeps(pad_empty_sweeps=True)``.
+        tables: ``'devkit'`` (nuscenes-devkit's ``NuScenes``), ``'light'`` (:class:`NuScenesTables`, no devkit) or
+            ``'auto'``: the devkit where it imports, else the light tables.
     """
 
     def __init__(self, dataroot: str | os.PathLike[str], *, version: str | None = None, num_sweeps: int = 1,
-                 remove_close_m: float = 0.0, pad_empty_sweeps: bool = False):
+                 remove_close_m: float = 0.0, pad_empty_sweeps: bool = False, tables: str = "auto"):
         self.dataroot = Path(dataroot).expanduser().resolve()
         if not self.dataroot.is_dir():
             raise DatasetError(f"dataroot does not exist or is not a directory: {self.dataroot}")
@@ -124,10 +128,15 @@ class NuScenesReader:
             raise ValueError(f"remove_close_m must be >= 0, got {remove_close_m}")
         self.remove_close_m = float(remove_close_m)
         self.pad_empty_sweeps = bool(pad_empty_sweeps)
+        if tables not in ("auto", "devkit", "light"):
+            raise ValueError(f"tables must be 'auto', 'devkit' or 'light', got {tables!r}")
+        self.tables = tables
 
     @cached_property
-    def nusc(self) -> "NuScenes":
-        """The devkit handle, loaded on first use (loading trainval takes tens of seconds)."""
+    def nusc(self) -> "NuScenes | NuScenesTables":
+        """The table handle, loaded on first use (loading trainval takes tens of seconds)."""
+        if self.tables == "light" or (self.tables == "auto" and not devkit_available()):
+            return NuScenesTables(self.version, self.dataroot)
         from nuscenes.nuscenes import NuScenes
 
         try:
@@ -143,11 +152,9 @@ class NuScenesReader:
     # ----------------------------------------------------------------------------------------------- splits
     def split_names(self) -> list[str]:
         """Predefined devkit splits that match this version, plus the custom ones in ``splits.json``."""
-        from nuscenes.utils.splits import create_splits_scenes
-
         scene_names = {s["name"] for s in self.nusc.scene}
         names = [
-            n for n, scenes in create_splits_scenes().items()
+            n for n, scenes in _predefined_splits().items()
             if n in _predefined_splits_of(self.version) and scene_names.intersection(scenes)
         ]
         custom = self.dataroot / self.version / "splits.json"
@@ -157,9 +164,7 @@ class NuScenesReader:
 
     def scene_names(self, split: str) -> list[str]:
         """Scene names of a predefined or custom split, restricted to scenes present in the dataroot."""
-        from nuscenes.utils.splits import create_splits_scenes
-
-        predefined = create_splits_scenes()
+        predefined = _predefined_splits()
         custom_file = self.dataroot / self.version / "splits.json"
         custom = _load_custom_splits(custom_file) if custom_file.is_file() else {}
         if split in predefined:
@@ -174,7 +179,9 @@ class NuScenesReader:
         else:
             raise DatasetError(
                 f"unknown split {split!r} for {self.dataroot / self.version}; available: "
-                f"{', '.join(self.split_names()) or 'none'} (custom splits go in {custom_file})"
+                f"{', '.join(self.split_names()) or 'none'} (custom splits go in {custom_file}"
+                + ("" if predefined else "; nuScenes' predefined splits need nuscenes-devkit, which does not import "
+                   "here") + ")"
             )
         present = {s["name"] for s in self.nusc.scene}
         unknown = [s for s in wanted if s not in present]
@@ -407,6 +414,15 @@ class NuScenesReader:
             cameras=self.load_cameras(sample, lidar_token),
             gt=self.load_gt(sample, lidar_token),
         )
+
+
+def _predefined_splits() -> dict[str, list[str]]:
+    """nuScenes' predefined splits (scene names) from the devkit; none where it is not installed."""
+    try:
+        from nuscenes.utils.splits import create_splits_scenes
+    except ImportError:
+        return {}
+    return create_splits_scenes()
 
 
 def _first_bad_table(table_dir: Path) -> Path | str:

@@ -35,7 +35,7 @@ from tigbev.pipeline.demo import (
 from tigbev.utils.provenance import write_json_atomic
 
 __all__ = ["ABLATION_ROWS", "BDA_ROWS", "HEADLINES", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table",
-           "headline_deltas", "run"]
+           "headline_deltas", "paired_verdict", "run"]
 
 
 @dataclass(frozen=True)
@@ -216,12 +216,12 @@ def headline_deltas(result: dict[str, Any]) -> list[dict[str, Any]]:
         for metric in ("mAP", "NDS"):
             diffs = [100.0 * (by_key[key]["per_seed"][s][metric] - by_key[ref]["per_seed"][s][metric]) for s in seeds]
             entry[metric] = {"mean_points": statistics.fmean(diffs), "half_range_points": (max(diffs) - min(diffs)) / 2,
-                             "per_seed_points": dict(zip(seeds, diffs)), "verdict": _verdict(diffs)}
+                             "per_seed_points": dict(zip(seeds, diffs)), "verdict": paired_verdict(diffs)}
         out.append(entry)
     return out
 
 
-def _verdict(diffs: list[float]) -> str:
+def paired_verdict(diffs: list[float]) -> str:
     """How the paired differences read: the same sign in every seed, or inside the noise."""
     if len(diffs) < 2:
         return "one seed"
