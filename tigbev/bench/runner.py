@@ -34,22 +34,17 @@ __all__ = ["run", "run_student_side"]
 
 def run(cfg: BenchConfig) -> BenchResult:
     """Run every section and write bench.json, bench.md and bench.png to ``cfg.out_dir``."""
-    import torch
     from tqdm import tqdm
 
     from tigbev.data.nuscenes_reader import NuScenesReader
     from tigbev.utils.device import pick_device
     from tigbev.utils.provenance import provenance, write_json_atomic
-    from tigbev.utils.run_dir import check_output_dir
 
     if cfg.cache is not None:
         return run_student_side(cfg)
     res = cfg.resolved()
     out = cfg.out_dir
-    check_output_dir(out, owns=lambda name: name in ("work", "bench.json", "bench.md", "bench.png")
-                     or name.startswith(".bench.json.tmp"), what="tigbev bench")
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = _work_dir(out)
     device = pick_device(cfg.device)
     n_base = res["samples"]
     need = max(n_base * max(res["growth"]), res["rate_samples"])
@@ -63,11 +58,7 @@ def run(cfg: BenchConfig) -> BenchResult:
             + (", tokens repeated to reach the sizes below)" if repeated else ")"))
     report: dict[str, Any] = {
         "preset": cfg.preset, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads",
-        "peak_memory_method": "torch.cuda.max_memory_allocated per mode" if device.type == "cuda"
-        else "peak RSS of each mode's own process (getrusage ru_maxrss)",
+        **_device_fields(device),
         "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in res.items()},
                    "dataroot": str(dataroot)},
         "dataset": {**data_desc, "split": split, "split_samples": len(split_tokens), "tokens_repeated": repeated,
@@ -156,24 +147,38 @@ def run(cfg: BenchConfig) -> BenchResult:
     return BenchResult(json_path=json_path, markdown_path=md_path, plot_path=plot_path, report=report)
 
 
+def _work_dir(out: Path) -> Path:
+    """``out/work``, after checking that ``out`` holds nothing but the bench's own files."""
+    from tigbev.utils.run_dir import check_output_dir
+
+    check_output_dir(out, owns=lambda name: name in ("work", "bench.json", "bench.md", "bench.png")
+                     or name.startswith(".bench.json.tmp"), what="tigbev bench")
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    return out / "work"
+
+
+def _device_fields(device: Any) -> dict[str, str]:
+    import torch
+
+    cuda = device.type == "cuda"
+    return {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads",
+            "peak_memory_method": "torch.cuda.max_memory_allocated per mode" if cuda
+            else "peak RSS of each mode's own process (getrusage ru_maxrss)"}
+
+
 def run_student_side(cfg: BenchConfig) -> BenchResult:
     """The student side from an existing cache: steps without distillation and from the cache (and with
     ``cfg.frames`` key frames), and the cache's read rate. Imports neither spconv nor the devkit, so it runs on a
     CUDA machine with numpy 2 and no teacher stack (``scripts/gpu_check.sh``)."""
-    import torch
-
     from tigbev.cache.store import CacheReader
     from tigbev.utils.device import pick_device
     from tigbev.utils.provenance import provenance, write_json_atomic
-    from tigbev.utils.run_dir import check_output_dir
 
     assert cfg.cache is not None and cfg.dataroot is not None
     res = cfg.resolved()
     out = cfg.out_dir
-    check_output_dir(out, owns=lambda name: name in ("work", "bench.json", "bench.md", "bench.png")
-                     or name.startswith(".bench.json.tmp"), what="tigbev bench")
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = _work_dir(out)
     device = pick_device(cfg.device)
     tokens = CacheReader(cfg.cache).tokens  # the whole cache: its compatibility check is over its token list
     common: dict[str, Any] = {"preset": cfg.preset, "dataroot": str(cfg.dataroot), "split": res["split"],
@@ -184,11 +189,7 @@ def run_student_side(cfg: BenchConfig) -> BenchResult:
     if cfg.frames > 1:
         specs[f"cache_{cfg.frames}f"] = ModeSpec(mode="cache", cache=cfg.cache, frames=cfg.frames, **common)
     report: dict[str, Any] = {
-        "preset": cfg.preset, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads",
-        "peak_memory_method": "torch.cuda.max_memory_allocated per mode" if device.type == "cuda"
-        else "peak RSS of each mode's own process (getrusage ru_maxrss)",
+        "preset": cfg.preset, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **_device_fields(device),
         "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in res.items()},
                    "dataroot": str(cfg.dataroot), "cache": cfg.cache, "student_side_only": True},
         "provenance": provenance(),
