@@ -4,6 +4,7 @@ collation with padding, and DataLoader workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -364,6 +365,29 @@ def test_collate_pads_boxes_and_cells() -> None:
     assert empty.kp_teacher_xy.shape == (2, 0, 4, 2) and empty.map_cells.shape == (2, 0)
     with pytest.raises(ValueError, match="dense and foreground"):
         collate_camera([_item("ab", 1, cells=None), _item("abc", 1, cells=2)])
+
+
+def test_moving_a_batch_keeps_every_field() -> None:
+    """``to`` (and ``pin_memory``, which shares its field walk) returns every field: tensors, lists of tensors, the
+    teacher targets and the optional temporal and LiDAR fields, values unchanged."""
+    batch = collate_camera([_item("ab", 2, cells=5), _item("abc", 1, cells=3)])
+    batch = dataclasses.replace(batch, prev_images=batch.images[:, None] + 1, prev_intrinsics=batch.intrinsics[:, None],
+                                prev_cam_from_lidar=batch.cam_from_lidar[:, None],
+                                lidar_points=[torch.ones(4, 5), torch.zeros(2, 5)])
+    moved = batch.to(torch.device("cpu"))
+    for f in dataclasses.fields(batch):
+        a, b = getattr(batch, f.name), getattr(moved, f.name)
+        if f.name == "teacher":
+            for g in dataclasses.fields(a):
+                x, y = getattr(a, g.name), getattr(b, g.name)
+                assert (x is None and y is None) or torch.equal(x, y), g.name
+        elif isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), f.name
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name
+    assert moved.frames == 2
 
 
 def test_a_real_batch_with_a_sample_without_boxes(reader: NuScenesReader) -> None:

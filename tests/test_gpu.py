@@ -71,6 +71,27 @@ def test_student_trains_from_the_cache_on_the_device(world: tuple[Path, str], tm
         assert torch.cuda.max_memory_allocated() > 0
 
 
+def test_pinned_batches_reach_the_device(world: tuple[Path, str], tmp_path: Path) -> None:
+    """``DataLoader(pin_memory=True)`` pins every tensor of a CameraBatch (``CameraBatch.pin_memory``), and the
+    asynchronous copy gives the same values on the device."""
+    from torch.utils.data import DataLoader
+
+    from tigbev.data.camera_dataset import collate_camera
+    from tigbev.stages.train_student import build_distillation
+
+    dataroot, cache = world
+    built = build_distillation(_cfg(dataroot, cache, tmp_path / "unused", device="cpu"), torch.device("cpu"))
+    pin = DEVICE.startswith("cuda")
+    (batch,) = list(DataLoader(torch.utils.data.Subset(built.dataset, [0, 1]), batch_size=2, num_workers=1,
+                               collate_fn=collate_camera, pin_memory=pin))
+    if pin:
+        assert batch.images.is_pinned() and batch.teacher.map_features.is_pinned() and batch.gt_boxes[0].is_pinned()
+    moved = batch.to(torch.device(DEVICE))
+    assert moved.images.device.type == DEVICE.split(":")[0]
+    assert torch.equal(moved.images.cpu(), batch.images) and torch.equal(moved.teacher.map_cells.cpu(),
+                                                                          batch.teacher.map_cells)
+
+
 def test_device_losses_match_the_cpu(world: tuple[Path, str], tmp_path: Path) -> None:
     """The same student, batch and cached targets give the same named losses on the device and on the CPU
     (float32, TF32 off): the distillation terms' gathers and Gram matrices do not depend on the device."""

@@ -11,6 +11,7 @@ index names the same physical point in both maps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -93,15 +94,26 @@ class CameraBatch:
         return 1 if self.prev_images is None else 1 + self.prev_images.shape[1]
 
     def to(self, device: torch.device) -> CameraBatch:
-        return CameraBatch(
-            tokens=self.tokens, images=self.images.to(device, non_blocking=True),
-            intrinsics=self.intrinsics.to(device), cam_from_lidar=self.cam_from_lidar.to(device),
-            aug_px_from_px=self.aug_px_from_px.to(device), aug_from_lidar=self.aug_from_lidar.to(device),
-            gt_boxes=[b.to(device) for b in self.gt_boxes], gt_labels=[b.to(device) for b in self.gt_labels],
-            depth_m=self.depth_m.to(device), depth_box=self.depth_box.to(device),
-            teacher=None if self.teacher is None else self.teacher.to(device),
-            lidar_points=None if self.lidar_points is None
-            else [p.to(device, non_blocking=True) for p in self.lidar_points],
-            **{n: None if getattr(self, n) is None else getattr(self, n).to(device, non_blocking=True)
-               for n in ("prev_images", "prev_intrinsics", "prev_cam_from_lidar")},
-        )
+        """Every tensor on ``device`` (to a GPU from pinned memory the copies run asynchronously, in stream order)."""
+        device = torch.device(device)
+        non_blocking = device.type == "cuda"  # never towards the CPU: the host could read before the copy lands
+        return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> CameraBatch:
+        """Every tensor in page-locked memory: what ``DataLoader(pin_memory=True)`` calls in its pinning thread, so
+        that the copy to the GPU overlaps the step."""
+        return self._apply(lambda t: t.pin_memory())
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CameraBatch:
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = fn(v)
+            elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+                v = [fn(t) for t in v]
+            elif isinstance(v, TeacherTargets):
+                v = TeacherTargets(**{g.name: None if getattr(v, g.name) is None else fn(getattr(v, g.name))
+                                      for g in fields(v)})
+            values[f.name] = v
+        return CameraBatch(**values)

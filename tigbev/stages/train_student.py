@@ -384,7 +384,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         if sampler is not None:
             sampler.set_epoch(epoch)
         return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                          collate_fn=collate_camera, num_workers=cfg.workers,
+                          collate_fn=collate_camera, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                           generator=torch.Generator().manual_seed(cfg.seed + epoch))
 
     def body(batch: CameraBatch, step: int) -> StepLog:
