@@ -69,6 +69,27 @@ def test_two_seeds_share_one_cache_and_resume(synth_root: Path, synth_cache: str
     assert (tmp_path / "a" / "loss_curve.png").is_file()
 
 
+def test_an_online_run_resumes_only_with_the_same_teacher_weights(synth_root: Path, demo_teacher_ckpt: Path,
+                                                                  tmp_path: Path) -> None:
+    """The online teacher's fingerprint is recorded; the same checkpoint path holding other weights is refused."""
+    import shutil
+
+    from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
+    from tigbev.models.teacher.checkpoint import save_checkpoint
+
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(demo_teacher_ckpt, teacher)
+    online = {"teacher": "online", "teacher_checkpoint": teacher}
+    r = train_student.run(_cfg(synth_root, tmp_path / "run", None, epochs=2, **online), progress=False)
+    assert torch.load(r.checkpoint, weights_only=True)["cache"]["teacher"]
+    torch.manual_seed(5)
+    save_checkpoint(teacher, {"model": CenterPoint(teacher_preset("demo")).state_dict(),
+                              "teacher_config": teacher_preset("demo").to_dict()})
+    with pytest.raises(TigbevError, match="online teacher's weights"):
+        train_student.run(_cfg(synth_root, tmp_path / "run", None, epochs=2, max_steps=2, resume=True, **online),
+                          progress=False)
+
+
 def test_a_cache_of_another_split_is_refused(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="split: cache has 'synth_train', dataset has 'synth_val'"):
         train_student.run(_cfg(synth_root, tmp_path / "x", synth_cache, split="synth_val"), progress=False)

@@ -250,7 +250,8 @@ class Distillation:
     online: OnlineTeacher | None
     teacher_grid: BevGrid | None
     cache_fingerprint: dict[str, Any] | None
-    """What ``last.pt`` records of the cache (teacher sha, dataset fingerprint, URL); a resume must match it."""
+    """What ``last.pt`` records of the teacher source: the cache's teacher sha, dataset fingerprint and URL, or the
+    online teacher's fingerprint; a resume must match it."""
 
 
 def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens: Sequence[str] | None = None,
@@ -276,6 +277,7 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
     elif cfg.teacher == "online":
         online = OnlineTeacher(cfg.teacher_checkpoint, reader, device, cfg.teacher_factory)
         teacher_grid, teacher_channels = online.grid, online.channels
+        cache_fingerprint = {"teacher": online.teacher.fingerprint()}  # a resume must find the same weights
 
     dataset = CameraDetectionDataset(
         reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
@@ -361,9 +363,12 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
         ckpt = load_student_checkpoint(ckpt_path, map_location=device)
         saved_cache, this_cache = ({k: v for k, v in (c or {}).items() if k != "url"}
                                    for c in (ckpt.get("cache"), cache_fingerprint))
-        epoch0, step = restore(
-            ckpt_path, ckpt, cfg.to_dict(), model, optimizer, scheduler,
-            [] if saved_cache == this_cache else ["the teacher cache (its teacher or dataset fingerprint)"])
+        if online is not None and ckpt.get("cache") is None:
+            saved_cache = this_cache  # an online run saved before the teacher's fingerprint was recorded
+        what = "the online teacher's weights (their fingerprint)" if online is not None \
+            else "the teacher cache (its teacher or dataset fingerprint)"
+        epoch0, step = restore(ckpt_path, ckpt, cfg.to_dict(), model, optimizer, scheduler,
+                               [] if saved_cache == this_cache else [what])
     if rank == 0:
         start_run_dir(out, {"train": cfg.to_dict(), "student": scfg.to_dict(), "cache": cache_fingerprint,
                             "sampling": sampling})
