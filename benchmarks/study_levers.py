@@ -7,7 +7,7 @@ Uses (or first builds) the world of ``tigbev ablate --preset study --out OUT`` (
 backbone) and trains each lever's variant of the study budget as ``OUT/student-lever-<lever>-<row>-s<seed>``.
 Finished students are reused on rerun, so the table grows across sessions. Writes ``OUT/levers.json`` and
 ``OUT/levers.md`` (mAP, NDS, mATE, mAOE and the step time per lever and row; mean over the seeds given).
-Levers change the budget (``augment``, ``lr_*``, ``epochs_2``), the world (``no_pretrain``) or one loss weight of
+Levers change the budget (``augment``, ``lr_*``, ``epochs_2``, ``input_*``), the world (``no_pretrain``) or one loss weight of
 the row (``inner_depth_*``, ``inter_channel_*``: the weight sweep).
 """
 
@@ -52,6 +52,9 @@ LEVERS: dict[str, tuple[str, Lever]] = {
     "lr_1e-3": ("learning rate 1e-3", _budget(student_lr=1e-3)),
     "lr_4e-3": ("learning rate 4e-3", _budget(student_lr=4e-3)),
     "epochs_2": ("two epochs (twice the steps)", _budget(student_epochs=2)),
+    # Input resolution (the world renders 480 x 270; the study's students see 128 x 352, 0.73x and cropped).
+    "input_96x264": ("input 96 x 264 (0.56x the pixels)", _budget(student_input_hw=(96, 264))),
+    "input_192x528": ("input 192 x 528 (2.25x the pixels)", _budget(student_input_hw=(192, 528))),
     # The weight sweep of the two terms that hurt in the demo world (published: inner-depth 1, inter-channel 10).
     **{f"inner_depth_{v:g}": (f"inner-depth weight {v:g}", _weight("inner_depth", v)) for v in (0.25, 4.0)},
     **{f"inter_channel_{v:g}": (f"inter-channel weight {v:g}", _weight("inter_channel", v)) for v in (1.0, 100.0)},

@@ -87,6 +87,15 @@ def test_non_finite_or_non_positive_numbers_are_refused_before_anything_is_writt
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["192", "192x", "x528", "192x528x3", "tall"])
+def test_an_input_size_that_is_not_hxw_is_refused_before_anything_is_written(
+        value: str, synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, _student_args(synth_root, synth_cache, out, "--input-hw", value))
+    _one_line_error(result, "--input-hw", repr(value))
+    assert not out.exists()
+
+
 def test_out_that_is_a_file_or_a_foreign_directory_is_refused(synth_root: Path, synth_cache: str,
                                                               tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"

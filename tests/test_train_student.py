@@ -247,3 +247,36 @@ def test_online_teacher_uses_the_lidar_read_by_the_loader(synth_root: Path, demo
     assert float(loss.detach()) == pytest.approx(sum(float(v.detach()) for v in losses.values()), rel=1e-6)
     assert 0 < times.targets_s <= times.total_s
     assert not torch.equal(before, model.distill.adapter.weight)  # the optimiser stepped
+
+
+def test_another_input_size_trains_from_the_same_cache_and_evaluates_at_its_size(
+        synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    from tigbev.engine.scoring import load_student, predict_student
+
+    out = tmp_path / "hw"
+    r = train_student.run(_cfg(synth_root, out, synth_cache, input_hw=[96, 272]), progress=False)
+    ckpt = torch.load(r.checkpoint, weights_only=True)
+    assert tuple(ckpt["student_config"]["input_hw"]) == (96, 272)
+    assert {"inter_keypoint", "depth", "heatmap"} <= set(r.final_losses)
+    student = load_student(r.checkpoint, torch.device("cpu"))
+    assert student.cfg.input_hw == (96, 272) and student.cfg.feature_hw == (6, 17)
+    reader = NuScenesReader(synth_root)
+    tokens = reader.sample_tokens(SPLIT)[:2]
+    preds = predict_student(student, reader, tokens, torch.device("cpu"), 2, progress=False)
+    assert sorted(preds) == sorted(tokens)
+    # The preset's size is another run: resuming into it is refused, naming the field.
+    with pytest.raises(TigbevError, match="input_hw"):
+        train_student.run(_cfg(synth_root, out, synth_cache, max_steps=2, resume=True), progress=False)
+    # A run saved before the option existed resumes when the option is left unset.
+    old = tmp_path / "old"
+    train_student.run(_cfg(synth_root, old, synth_cache), progress=False)
+    saved = torch.load(old / "last.pt", weights_only=True)
+    del saved["train_config"]["input_hw"]
+    torch.save(saved, old / "last.pt")
+    assert train_student.run(_cfg(synth_root, old, synth_cache, max_steps=2, resume=True), progress=False).steps == 2
+
+
+@pytest.mark.parametrize("hw", [(8, 352), (128,), (128.0, 352)])
+def test_an_input_size_below_the_stride_or_not_two_integers_is_refused(synth_root: Path, hw: tuple) -> None:
+    with pytest.raises(ValueError, match="TrainStudentConfig.input_hw"):
+        _cfg(synth_root, Path("unused"), None, teacher="none", weights=LossWeights.baseline(), input_hw=hw)

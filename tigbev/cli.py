@@ -48,6 +48,17 @@ def _given(**options: Any) -> dict[str, Any]:
     """The options the user gave: None means not given, so the configuration's default applies."""
     return {k: v for k, v in options.items() if v is not None}
 
+
+def _image_hw(text: str | None) -> tuple[int, int] | None:
+    """``--input-hw HxW`` (e.g. 192x528) as (H, W); refused, naming the option, unless two positive integers."""
+    if text is None:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not (sep and h.strip().isdigit() and w.strip().isdigit()):
+        raise TigbevError(f"--input-hw must be HxW in pixels, e.g. 192x528, got {text!r}")
+    return int(h), int(w)
+
+
 _DEBUG_ENV = "TIGBEV_DEBUG"
 _debug = {"on": False}
 """This invocation's --debug (set by the root callback on every invocation)."""
@@ -386,6 +397,9 @@ def train_student(
     sampler: Annotated[str | None, typer.Option(help=(
         "'uniform' or 'cbgs' (class-balanced grouping and sampling, as mmdet3d's CBGSDataset) "
         f"(default {_default(TrainStudentConfig, 'sampler')})."))] = None,
+    input_hw: Annotated[str | None, typer.Option(help=(
+        "Network input HxW in pixels, e.g. 192x528 (default: the preset's, demo 128x352, nuscenes 256x704); "
+        "any cache serves any size."))] = None,
     tensorboard: Annotated[bool, typer.Option(help=(
         "Also log to OUT/tensorboard: metrics.jsonl's scalars, the final metrics and a BEV picture "
         "(pip install 'tigbev[tensorboard]')."))] = False,
@@ -404,7 +418,7 @@ def train_student(
         weights=weights, val_split=val_split, resume=resume, augment=not no_augment, max_steps=max_steps,
         tensorboard=tensorboard,
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device,
-                 keypoint_grid=keypoint_grid, frames=frames, sampler=sampler),
+                 keypoint_grid=keypoint_grid, frames=frames, sampler=sampler, input_hw=_image_hw(input_hw)),
     )
     result = stage.run(cfg)
     typer.echo(f"student: {result.steps} steps in {result.seconds:.0f} s ({result.mean_step_s:.2f} s/step), "

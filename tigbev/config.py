@@ -361,10 +361,19 @@ class TrainStudentConfig(_TrainLoopConfig):
     sampler: Literal["uniform", "cbgs"] = "uniform"
     """'uniform': each sample once per epoch; 'cbgs': class-balanced grouping and sampling (mmdet3d's CBGSDataset),
     samples repeated by class frequency, the repeat list fixed by the seed."""
+    input_hw: tuple[int, int] | None = None
+    """The network's input (H, W) in pixels, overriding the preset's (demo 128 x 352, nuscenes 256 x 704); each
+    camera image is resized to cover it and its bottom rows kept. Depth targets and cached teacher targets do not
+    depend on it (they are points in the original image and maps in the BEV grid), so one cache serves any size."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if self.input_hw is not None:
+            hw = tuple(self.input_hw)
+            _require(len(hw) == 2 and all(isinstance(v, int) and v >= 16 for v in hw), name, "input_hw",
+                     f"must be (H, W) of at least 16 px each (the image backbone's stride), got {self.input_hw!r}")
+            object.__setattr__(self, "input_hw", hw)
         for f in ("teacher_checkpoint", "backbone_weights"):
             if getattr(self, f) is not None:
                 object.__setattr__(self, f, Path(getattr(self, f)))

@@ -44,6 +44,8 @@ class DemoConfig:
     """Key frames per sample of every student (2: BEVDet4D / BEVDepth4D); the cache is the same for any count."""
     student_sampler: str = "uniform"
     """'uniform' or 'cbgs' (class-balanced grouping and sampling) for every student."""
+    student_input_hw: tuple[int, int] | None = None
+    """Network input (H, W) of every student; None: the demo preset's 128 x 352."""
     pretrain_epochs: int = 0
     """Epochs of ``tigbev pretrain-backbone`` on the world's train split (0: students start from random weights)."""
     synth: dict[str, Any] = field(default_factory=dict)
@@ -223,6 +225,7 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
             keypoint_grid=DEMO_KEYPOINT_GRID, backbone_weights=world.backbone,
             epochs=cfg.student_epochs, batch_size=2, lr=cfg.student_lr, warmup_steps=cfg.student_warmup_steps,
             augment=cfg.student_augment, frames=cfg.student_frames, sampler=cfg.student_sampler,  # type: ignore
+            input_hw=cfg.student_input_hw,
             workers=cfg.workers, seed=cfg.seed if seed is None else seed,
             max_steps=2 if cfg.tiny else None, resume=(run_dir / "last.pt").exists()), progress=progress)
         write_json_atomic(run_dir / "timing.json", {"step_s": result.mean_step_s, "steps": result.steps})

@@ -261,6 +261,8 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
     (on CPU; the caller moves it). ``tokens``: a subset of the split (default: all of it; with a cache, exactly the
     tokens it was extracted from). Every input is checked here, before anything is written."""
     scfg = student_preset(cfg.preset, variant=cfg.variant, frames=cfg.frames)
+    if cfg.input_hw is not None:
+        scfg = dataclasses.replace(scfg, input_hw=cfg.input_hw)
     reader = NuScenesReader(cfg.dataroot)
     tokens = reader.sample_tokens(cfg.split) if tokens is None else list(tokens)
     cache = None

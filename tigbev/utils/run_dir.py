@@ -75,12 +75,12 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
                        may_differ: Iterable[str] = RESUME_MAY_DIFFER) -> list[str]:
     """``field: checkpoint has A, this run has B`` for every nested setting that differs (top-level keys in
-    ``may_differ`` aside)."""
+    ``may_differ`` aside). A setting the checkpoint predates matches only when this run leaves it at None (unset)."""
     skip = set(may_differ)
     a = {k: v for k, v in _flatten(saved).items() if k.split(".", 1)[0] not in skip}
     b = {k: v for k, v in _flatten(current).items() if k.split(".", 1)[0] not in skip}
     return [f"{k}: checkpoint has {a.get(k, '(unset)')!r}, this run has {b.get(k, '(unset)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not (k not in a and b[k] is None)]
 
 
 def check_output_dir(out: Path, *, owns: Callable[[str], bool], what: str, option: str = "--out") -> None:
