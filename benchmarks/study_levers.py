@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--rows", default="depth,inter_keypoint")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--png", type=Path, default=None,
+                        help="Also draw mAP and NDS per lever (a bar at the mean, a dot per seed) to this file.")
     args = parser.parse_args()
     levers = [x for x in args.levers.split(",") if x]
     unknown = [x for x in levers if x not in LEVERS]
@@ -97,6 +99,31 @@ def main() -> None:
             write_json_atomic(path, table)
             (args.out / "levers.md").write_text(_markdown(table))
     print(_markdown(table))
+    if args.png is not None:
+        _plot(table, args.png)
+
+
+def _plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{entry['label']}\n({key})", r["per_seed"])
+            for entry in table.values() for key, r in entry["rows"].items()]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(bars), 4), sharex=True)
+    for ax, metric in zip(axes, ("mAP", "NDS")):
+        for i, (_, per_seed) in enumerate(bars):
+            values = [m[metric] for m in per_seed.values()]
+            ax.bar(i, statistics.fmean(values), color="#9ecae1", width=0.6)
+            ax.plot([i] * len(values), values, "o", color="#08519c", ms=4)
+        ax.set_title(f"{metric} (synth_val; bar: mean, dots: seeds)")
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=20, ha="right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _markdown(table: dict) -> str:
