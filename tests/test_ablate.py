@@ -127,9 +127,24 @@ def test_tiny_study_world_pretrains_one_backbone_that_every_row_starts_from(tmp_
     table = json.loads((out / "ablation.json").read_text())
     assert table["preset"] == "study" and "pretrain-backbone" in table["stages"]
     stamp = backbone.stat().st_mtime_ns
+    timing = out / "student-ablate-depth-s0" / "timing.json"
+    trained = timing.stat().st_mtime_ns
     again = CliRunner().invoke(app, args)  # every stage and row is reused
     assert again.exit_code == 0, again.output
-    assert backbone.stat().st_mtime_ns == stamp
+    assert backbone.stat().st_mtime_ns == stamp and timing.stat().st_mtime_ns == trained
+    # Another student budget is another table with its own students, never the one-epoch students reused.
+    longer = CliRunner().invoke(app, [*args, "--student-epochs", "2"])
+    assert longer.exit_code == 0, longer.output
+    cfg = json.loads((out / "student-ablate-e2-depth-s0" / "config.json").read_text())["train"]
+    assert cfg["epochs"] == 2 and json.loads((out / "ablation-e2.json").read_text())["student_epochs"] == 2
+    # A finished student whose settings differ from the table's is refused by name, not reused.
+    config = out / "student-ablate-depth-s0" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["train"]["lr"] = 1e-4
+    config.write_text(json.dumps(saved))
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "student-ablate-depth-s0" in refused.output and "lr" in refused.output
+    assert timing.stat().st_mtime_ns == trained
 
 
 def test_tiny_bda_comparison_trains_every_row_augmented_from_its_own_cache(tmp_path: Path) -> None:

@@ -137,10 +137,13 @@ class AblateConfig:
 
     @property
     def tag(self) -> str:
-        """What sets this table's students apart from the plain ones, in their names and the table's: ``-aug``,
-        ``-f<frames>``, ``-cbgs`` (empty for the plain ablation)."""
-        return ("-aug" if self.augment else "") + (f"-f{self.frames}" if self.frames > 1 else "") + \
-            (f"-{self.sampler}" if self.sampler != "uniform" else "")
+        """What sets this table's students apart from the plain ones, in their names and the table's: ``-e<epochs>``
+        (a student budget other than the preset's), ``-aug``, ``-f<frames>``, ``-cbgs`` (empty for the plain
+        ablation)."""
+        preset_epochs = world_preset(self.preset).get("student_epochs", DemoConfig.student_epochs)
+        epochs = self.student_epochs if self.student_epochs not in (None, preset_epochs) else None
+        return (f"-e{epochs}" if epochs else "") + ("-aug" if self.augment else "") + \
+            (f"-f{self.frames}" if self.frames > 1 else "") + (f"-{self.sampler}" if self.sampler != "uniform" else "")
 
     def __post_init__(self) -> None:
         if self.rows is None:

@@ -216,9 +216,8 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
 
     run_dir = cfg.out_dir / f"student-{name}"
 
-    def train() -> None:
-        cache_dir = world_cache(cfg, world, cache, progress=progress) if source == "cache" else None
-        result = train_student.run(TrainStudentConfig(
+    def settings(cache_dir: Path | None) -> TrainStudentConfig:
+        return TrainStudentConfig(
             preset="demo", dataroot=world.data, split="synth_train", out_dir=run_dir, val_split="synth_val",
             cache=None if cache_dir is None else str(cache_dir), teacher=source,
             teacher_checkpoint=world.teacher_dir / "last.pt" if source == "online" else None, weights=weights,
@@ -227,10 +226,28 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
             augment=cfg.student_augment, frames=cfg.student_frames, sampler=cfg.student_sampler,  # type: ignore
             input_hw=cfg.student_input_hw,
             workers=cfg.workers, seed=cfg.seed if seed is None else seed,
-            max_steps=2 if cfg.tiny else None, resume=(run_dir / "last.pt").exists()), progress=progress)
+            max_steps=2 if cfg.tiny else None, resume=(run_dir / "last.pt").exists())
+
+    def train() -> None:
+        cache_dir = world_cache(cfg, world, cache, progress=progress) if source == "cache" else None
+        result = train_student.run(settings(cache_dir), progress=progress)
         write_json_atomic(run_dir / "timing.json", {"step_s": result.mean_step_s, "steps": result.steps})
 
-    _timed(world.stages, f"train-student-{name}", lambda: (run_dir / "timing.json").exists(), train, world.record)
+    def finished() -> bool:
+        """A finished student is reused only if it was trained with these settings (never under another budget)."""
+        if not (run_dir / "timing.json").exists():
+            return False
+        from tigbev.errors import TigbevError
+        from tigbev.utils.run_dir import config_differences
+
+        saved = json.loads((run_dir / "config.json").read_text()).get("train", {})
+        differences = config_differences(saved, settings(world.cache if source == "cache" else None).to_dict())
+        if differences:
+            raise TigbevError(f"{run_dir} holds a student trained with other settings ({'; '.join(differences[:3])});"
+                              " move it away or choose another --out")
+        return True
+
+    _timed(world.stages, f"train-student-{name}", finished, train, world.record)
     return {**_metrics(run_dir / "eval" / "metrics.json"), "step_s": _metrics(run_dir / "timing.json")["step_s"]}
 
 
