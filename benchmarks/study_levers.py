@@ -7,8 +7,8 @@ Uses (or first builds) the world of ``tigbev ablate --preset study --out OUT`` (
 backbone) and trains each lever's variant of the study budget as ``OUT/student-lever-<lever>-<row>-s<seed>``.
 Finished students are reused on rerun, so the table grows across sessions. Writes ``OUT/levers.json`` and
 ``OUT/levers.md`` (mAP, NDS, mATE, mAOE and the step time per lever and row; mean over the seeds given).
-Levers change the budget (``augment``, ``lr_*``, ``epochs_2``, ``input_*``), the world (``no_pretrain``) or one loss weight of
-the row (``inner_depth_*``, ``inter_channel_*``: the weight sweep).
+Levers change the budget (``augment``, ``lr_*``, ``epochs_2``, ``input_*``), the world (``no_pretrain``) or one
+loss weight of the row (``inner_depth_*``, ``inter_channel_*``: the weight sweep). ``--png`` draws the table.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tigbev.config import LossWeights
-from tigbev.pipeline.ablate import ABLATION_ROWS
+from tigbev.pipeline.ablate import ABLATION_ROWS, plot_ablation
 from tigbev.pipeline.demo import (
     DemoConfig,
     DemoWorld,
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--png", type=Path, default=None,
                         help="Also draw mAP and NDS per lever (a bar at the mean, a dot per seed) to this file.")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="An ablation.json of the same world whose rows the chart shows first (the study budget).")
     args = parser.parse_args()
     levers = [x for x in args.levers.split(",") if x]
     unknown = [x for x in levers if x not in LEVERS]
@@ -100,30 +102,17 @@ def main() -> None:
             (args.out / "levers.md").write_text(_markdown(table))
     print(_markdown(table))
     if args.png is not None:
-        _plot(table, args.png)
+        _plot(table, args.png, args.reference)
 
 
-def _plot(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bars = [(f"{entry['label']}\n({key})", r["per_seed"])
-            for entry in table.values() for key, r in entry["rows"].items()]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(bars), 4), sharex=True)
-    for ax, metric in zip(axes, ("mAP", "NDS")):
-        for i, (_, per_seed) in enumerate(bars):
-            values = [m[metric] for m in per_seed.values()]
-            ax.bar(i, statistics.fmean(values), color="#9ecae1", width=0.6)
-            ax.plot([i] * len(values), values, "o", color="#08519c", ms=4)
-        ax.set_title(f"{metric} (synth_val; bar: mean, dots: seeds)")
-        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=20, ha="right")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+def _plot(table: dict, path: Path, reference: Path | None) -> None:
+    """The levers' rows (and the ablation's rows of ``reference``, the study budget itself) as the ablation's chart."""
+    rows = [] if reference is None else [{**r, "label": f"{r['label']} (the study budget)"}
+                                         for r in json.loads(reference.read_text())["rows"]]
+    rows += [{"label": f"{entry['label']} ({key})", **r}
+             for entry in table.values() for key, r in entry["rows"].items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_ablation(path, {"rows": rows, "seeds": sorted({s for r in rows for s in r["per_seed"]})})
 
 
 def _markdown(table: dict) -> str:
