@@ -7,17 +7,18 @@
 the TiG-BEV row, ``inter_keypoint``); ``ablation.json`` is ``tigbev ablate --preset study``'s table of the same world,
 whose TiG-BEV row is the sweep's reference (inner-depth 1, inter-channel 10) and whose side row ``keypoint_only`` is
 the end of both sweeps (both weights 0). Every difference is paired by seed: the mean of the per-seed differences
-against the reference, +- half their range, over the seeds both have; "every seed" when all differences share a
-sign, else "inside the noise".
+against the reference ± the half-width of its 95 % t interval, over the seeds both have; "resolved" where the
+interval excludes 0, else "inside the noise", with the sign agreement beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
+
+from tigbev.utils.paired import mean_interval, paired_difference
 
 _ROW = "inter_keypoint"
 _TERMS = {"inner_depth": ("inner-depth", 1.0), "inter_channel": ("inter-channel", 10.0)}
@@ -47,45 +48,33 @@ def sweep(levers: dict[str, Any], ablation: dict[str, Any]) -> dict[str, Any]:
                                    "other_weight_zero": weight == 0.0,
                                    "per_seed": {s: points[weight][s] for s in seeds}}
             for metric in ("mAP", "NDS"):
-                vals = [points[weight][s][metric] for s in seeds]
-                diffs = [100 * (points[weight][s][metric] - reference[s][metric]) for s in seeds]
-                row[metric] = statistics.fmean(vals)
-                row[f"{metric}_half_range"] = (max(vals) - min(vals)) / 2
-                row[f"d{metric}"] = statistics.fmean(diffs)
-                row[f"d{metric}_half_range"] = (max(diffs) - min(diffs)) / 2
-                row[f"d{metric}_reading"] = _reading(diffs, len(seeds))
+                row[metric], row[f"{metric}_ci95_half"] = mean_interval([points[weight][s][metric] for s in seeds])
+                d = paired_difference({s: points[weight][s][metric] for s in seeds},
+                                      {s: reference[s][metric] for s in seeds}, scale=100.0)
+                assert d is not None
+                row[f"d{metric}"], row[f"d{metric}_cell"], row[f"d{metric}_signs"] = d.mean, d.cell(), d.signs
+                row[f"d{metric}_ci95_half"] = d.half_width if d.n > 1 else None
+                row[f"d{metric}_reading"] = "reference" if all(v == 0 for v in d.per_seed.values()) else d.reading
             rows.append(row)
         out[term] = {"label": label, "published_weight": published, "points": rows}
     return out
 
 
-def _reading(diffs: list[float], n: int) -> str:
-    if all(d == 0 for d in diffs):
-        return "reference"
-    if n < 3:
-        return f"{n} seed(s): too few to tell"
-    if all(d > 0 for d in diffs):
-        return "up in every seed"
-    if all(d < 0 for d in diffs):
-        return "down in every seed"
-    return "inside the noise"
-
-
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| term | weight | seeds | mAP | NDS | ΔmAP (points) | ΔNDS (points) | reading (mAP / NDS) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| term | weight | seeds | mAP | NDS | ΔmAP (points) | ΔNDS (points) | reading (mAP / NDS) | "
+             "signs (mAP / NDS) |", "|---|---|---|---|---|---|---|---|---|"]
     for term in result.values():
         for p in term["points"]:
             note = " (published)" if p["published"] else " (the side row: both terms off)" if p["other_weight_zero"] \
                 else ""
             lines.append(
                 f"| {term['label']} | {p['weight']:g}{note} | {len(p['seeds'])} | {p['mAP']:.4f} ± "
-                f"{p['mAP_half_range']:.4f} | {p['NDS']:.4f} ± {p['NDS_half_range']:.4f} | "
-                f"{p['dmAP']:+.1f} ± {p['dmAP_half_range']:.1f} | {p['dNDS']:+.1f} ± {p['dNDS_half_range']:.1f} | "
-                f"{p['dmAP_reading']} / {p['dNDS_reading']} |")
+                f"{p['mAP_ci95_half']:.4f} | {p['NDS']:.4f} ± {p['NDS_ci95_half']:.4f} | "
+                f"{p['dmAP_cell']} | {p['dNDS_cell']} | {p['dmAP_reading']} / {p['dNDS_reading']} | "
+                f"{p['dmAP_signs']} / {p['dNDS_signs']} |")
     lines.append("")
     lines.append("Differences against TiG-BEV with the published weights (inner-depth 1, inter-channel 10), paired by "
-                 "seed: mean ± half the range of the per-seed differences. Weight 0 is the side row "
+                 "seed: the mean of the per-seed differences ± the half-width of its 95 % t interval. Weight 0 is the side row "
                  "(inter-keypoint alone + dense depth), where the other term is off too.")
     return "\n".join(lines) + "\n"
 
@@ -101,14 +90,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         for term in result.values():
             pts = [p for p in term["points"] if not p["other_weight_zero"]]
             xs = [p["weight"] / term["published_weight"] for p in pts]
-            ax.errorbar(xs, [p[metric] for p in pts], yerr=[p[f"{metric}_half_range"] for p in pts], marker="o",
+            ax.errorbar(xs, [p[metric] for p in pts], yerr=[p[f"{metric}_ci95_half"] for p in pts], marker="o",
                         capsize=3, label=f"{term['label']} (x published {term['published_weight']:g})")
         zero = next((p for t in result.values() for p in t["points"] if p["other_weight_zero"]), None)
         if zero is not None:
             ax.axhline(zero[metric], color="grey", ls="--", lw=1, label="both off (inter-keypoint alone)")
         ax.set_xscale("log")
         ax.set_xlabel("weight / published weight")
-        ax.set_title(f"{metric} (mean over seeds, ± half range)")
+        ax.set_title(f"{metric} (mean over seeds, 95 % CI)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("TiG-BEV, study configuration: the inner-depth and inter-channel weights")

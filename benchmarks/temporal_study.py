@@ -5,21 +5,21 @@
     python benchmarks/temporal_study.py --out runs/study --write docs/img/temporal-study   # .md, .json, .png
 
 Both tables come from one world (one teacher cache serves every frame count). Per row (the depth-supervised base,
-BEVDepth, and TiG-BEV) and frame count: mean ± half the range over the seeds of mAP, NDS and the velocity and
-orientation errors, read from each student's ``eval/metrics.json``; then the paired differences (mean of the per-seed
-differences ± half their range): two frames over one for each row, and TiG-BEV over its base at each frame count,
-beside the paper's. "every seed" when all differences share a sign, else "inside the noise".
+BEVDepth, and TiG-BEV) and frame count: the mean over the seeds of mAP, NDS and the velocity and orientation errors
+± the half-width of its 95 % t interval, read from each student's ``eval/metrics.json``; then the paired differences
+(the mean of the per-seed differences ± the half-width of its 95 % t interval): two frames over one for each row,
+and TiG-BEV over its base at each frame count, beside the paper's. "resolved" where the interval excludes 0, else
+"inside the noise"; the sign agreement over the seeds is shown beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from tigbev.pipeline.ablate import paired_verdict
+from tigbev.utils.paired import mean_interval, paired_difference
 
 ROWS = {"depth": "+ dense depth (BEVDepth)", "inter_keypoint": "TiG-BEV"}
 METRICS = ("mAP", "NDS", "mAVE", "mAOE", "mATE")
@@ -44,11 +44,13 @@ def _students(out: Path, frames: int) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def _paired(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], metric: str) -> dict[str, Any]:
-    seeds = sorted(set(a) & set(b))
+    seeds = sorted(set(a) & set(b), key=int)
     scale = 100.0 if metric in ("mAP", "NDS") else 1.0
-    diffs = [scale * (a[s][metric] - b[s][metric]) for s in seeds]
-    return {"seeds": seeds, "mean": statistics.fmean(diffs), "half_range": (max(diffs) - min(diffs)) / 2,
-            "per_seed": dict(zip(seeds, diffs)), "verdict": paired_verdict(diffs)}
+    d = paired_difference({s: a[s][metric] for s in seeds}, {s: b[s][metric] for s in seeds}, scale=scale)
+    assert d is not None, "no seed in common"
+    return {"seeds": seeds, "mean": d.mean, "ci95_half": d.half_width if d.n > 1 else None,
+            "per_seed": d.per_seed, "verdict": d.reading, "signs": d.signs,
+            "cell": d.cell(1 if metric in ("mAP", "NDS") else 3)}
 
 
 def study(out: Path) -> dict[str, Any]:
@@ -59,8 +61,7 @@ def study(out: Path) -> dict[str, Any]:
             if key in rows:
                 seeds = rows[key]
                 cells.append({"row": key, "label": label, "frames": frames, "seeds": sorted(seeds), **{
-                    m: {"mean": statistics.fmean(s[m] for s in seeds.values()),
-                        "half_range": (max(s[m] for s in seeds.values()) - min(s[m] for s in seeds.values())) / 2}
+                    m: dict(zip(("mean", "ci95_half"), mean_interval([s[m] for s in seeds.values()])))
                     for m in METRICS}})
     comparisons = []
     for key, label in ROWS.items():
@@ -80,18 +81,17 @@ def markdown(result: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         lines.append(f"| {c['label']} | {c['frames']} | {len(c['seeds'])} | " + " | ".join(
-            f"{c[m]['mean']:.4f} ± {c[m]['half_range']:.4f}" for m in METRICS) + " |")
+            f"{c[m]['mean']:.4f} ± {c[m]['ci95_half']:.4f}" for m in METRICS) + " |")
     lines += ["", "| comparison | ΔmAP (points) | ΔNDS (points) | ΔmAVE (m/s) | ΔmAOE (rad) | published ΔmAP / ΔNDS | "
-              "reading (mAP / NDS / mAVE) |", "|---|---|---|---|---|---|---|"]
+              "reading (mAP / NDS / mAVE) | signs (mAP / NDS / mAVE) |", "|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         pub = "" if c["published"] is None else f"{c['published'][0]:+.1f} / {c['published'][1]:+.1f}"
-        lines.append(f"| {c['what']} | {c['mAP']['mean']:+.1f} ± {c['mAP']['half_range']:.1f} | "
-                     f"{c['NDS']['mean']:+.1f} ± {c['NDS']['half_range']:.1f} | "
-                     f"{c['mAVE']['mean']:+.3f} ± {c['mAVE']['half_range']:.3f} | "
-                     f"{c['mAOE']['mean']:+.3f} ± {c['mAOE']['half_range']:.3f} | {pub} | "
-                     f"{c['mAP']['verdict']} / {c['NDS']['verdict']} / {c['mAVE']['verdict']} |")
-    lines += ["", "Paired by seed: mean of the per-seed differences ± half their range; mAP and NDS in points, errors "
-              "in their units (lower is better)."]
+        lines.append(f"| {c['what']} | {c['mAP']['cell']} | {c['NDS']['cell']} | {c['mAVE']['cell']} | "
+                     f"{c['mAOE']['cell']} | {pub} | {c['mAP']['verdict']} / {c['NDS']['verdict']} / "
+                     f"{c['mAVE']['verdict']} | {c['mAP']['signs']} / {c['NDS']['signs']} / {c['mAVE']['signs']} |")
+    lines += ["", "Paired by seed: the mean of the per-seed differences ± the half-width of its 95 % t interval; "
+              "resolved where the interval excludes 0. mAP and NDS in points, errors in their units (lower is "
+              "better)."]
     return "\n".join(lines) + "\n"
 
 
@@ -106,10 +106,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         for i, key in enumerate(ROWS):
             cells = [c for c in result["cells"] if c["row"] == key]
             xs = [c["frames"] + (i - 0.5) * 0.08 for c in cells]
-            ax.errorbar(xs, [c[metric]["mean"] for c in cells], yerr=[c[metric]["half_range"] for c in cells],
+            ax.errorbar(xs, [c[metric]["mean"] for c in cells], yerr=[c[metric]["ci95_half"] for c in cells],
                         marker="o", capsize=3, label=ROWS[key])
         ax.set_xticks([1, 2], ["1 frame", "2 frames"])
-        ax.set_title(f"{metric} (mean of seeds, ± half range)")
+        ax.set_title(f"{metric} (mean of seeds, 95 % CI)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Study configuration: single frame against BEVDepth4D-style two key frames")

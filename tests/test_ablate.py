@@ -30,8 +30,10 @@ def test_rows_add_one_component_at_a_time() -> None:
             "canonical"
     # Cache modes differ only under BDA: the plain table leaves them out, the augmented one is the [bda] comparison.
     assert "tig_flips" not in AblateConfig(out_dir=Path("x")).rows
-    assert AblateConfig(out_dir=Path("x"), augment=True).rows == ("baseline", "online", "inter_keypoint", "tig_flips",
-                                                                  "tig_draws")
+    assert AblateConfig(out_dir=Path("x"), augment=True).rows == ("online", "inter_keypoint", "tig_draws", "depth",
+                                                                  "tig_flips", "tig_flips_int8")
+    assert AblateConfig(out_dir=Path("x"), preset="study").seeds == (0, 1, 2, 3, 4)
+    assert AblateConfig(out_dir=Path("x")).seeds == (0, 1)
     alone = side["keypoint_only"].weights  # the full set less inner-depth and inter-channel
     assert (alone.inner_depth, alone.inter_channel) == (0.0, 0.0)
     assert dataclasses.replace(alone, inner_depth=1.0, inter_channel=10.0) == LossWeights()
@@ -55,21 +57,40 @@ def test_headline_deltas_pair_seeds_and_skip_missing_rows() -> None:
     heads = {(h["row"], h["reference"]): h for h in headline_deltas(result)}
     assert set(heads) == {("inter_keypoint", "depth"), ("inter_keypoint", "baseline"), ("depth", "baseline")}
     over_depth = heads[("inter_keypoint", "depth")]
-    # Paired: seed 0 +3 points, seed 1 +1 point (not the difference of the seed means' spreads).
+    # Paired: seed 0 +3 points, seed 1 +1 point (not the difference of the seed means).
     assert over_depth["mAP"]["per_seed_points"] == pytest.approx({"0": 3.0, "1": 1.0})
     assert over_depth["mAP"]["mean_points"] == pytest.approx(2.0)
-    assert over_depth["mAP"]["half_range_points"] == pytest.approx(1.0)
-    assert over_depth["NDS"]["mean_points"] == pytest.approx(10.0)  # +5 and +15
-    assert over_depth["NDS"]["half_range_points"] == pytest.approx(5.0)
+    # Two seeds: sd sqrt(2), standard error 1, t(0.975, 1 dof) = 12.706.
+    assert over_depth["mAP"]["ci95_half_points"] == pytest.approx(12.706, abs=1e-3)
+    assert over_depth["mAP"]["verdict"] == "inside the noise" and over_depth["mAP"]["signs"] == "2 of 2 up"
+    assert over_depth["NDS"]["mean_points"] == pytest.approx(10.0)  # +5 and +15: standard error 5
+    assert over_depth["NDS"]["ci95_half_points"] == pytest.approx(5 * 12.706, abs=1e-2)
     assert over_depth["published_points"] == {"mAP": 2.4, "NDS": 2.3}
     assert heads[("inter_keypoint", "baseline")]["mAP"]["mean_points"] == pytest.approx(-2.0)
     md = ablation_table(result)
-    assert "| +2.0 ± 1.0 | +10.0 ± 5.0 | +2.4 / +2.3 | mAP up in every seed, NDS up in every seed |" in md
-    # Over the baseline: mAP +5 then -9 points, NDS +10 then +20: the mAP difference is inside the noise.
-    over_base = heads[("inter_keypoint", "baseline")]
-    assert (over_base["mAP"]["verdict"], over_base["NDS"]["verdict"]) == ("inside the noise", "up in every seed")
+    assert ("| 2 | +2.0 ± 12.7 | +10.0 ± 63.5 | +2.4 / +2.3 | inside the noise / inside the noise | "
+            "2 of 2 up / 2 of 2 up |") in md
+    assert "95 %" in md and "every seed" not in md
     one_seed = {**result, "rows": [_row("depth", {"0": (0.1, 0.1)}), _row("inter_keypoint", {"1": (0.2, 0.2)})]}
     assert headline_deltas(one_seed) == []  # no seed in common: nothing to pair
+
+
+def test_a_comparison_resolves_only_where_its_interval_excludes_zero() -> None:
+    five = {str(s): (0.10 + 0.01 * s, 0.30) for s in range(5)}
+    shifted = {str(s): (m + d / 100, n + e / 100) for (s, (m, n)), d, e in
+               zip(five.items(), (1, 2, 3, 4, 5), (0.1, 0.2, 5.0, -0.1, 0.3))}
+    result = {"seeds": list(range(5)), "student_epochs": 2,
+              "rows": [_row("depth", five), _row("inter_keypoint", shifted)]}
+    (h,) = headline_deltas(result)
+    # mAP: +1..+5 points: mean 3, sd 1.581, se 0.707, t(0.975, 4 dof) = 2.776 -> 3 ± 1.963: resolved.
+    assert h["mAP"]["mean_points"] == pytest.approx(3.0)
+    assert h["mAP"]["ci95_half_points"] == pytest.approx(1.963, abs=1e-3)
+    assert h["mAP"]["ci95_points"] == pytest.approx([3.0 - 1.963, 3.0 + 1.963], abs=1e-3)
+    assert h["mAP"]["verdict"] == "resolved up"
+    # NDS: four of five seeds up, one large: the interval spans 0, so the sign count is not the reading.
+    assert h["NDS"]["signs"] == "4 of 5 up" and h["NDS"]["verdict"] == "inside the noise"
+    down = {**result, "rows": [_row("depth", shifted), _row("inter_keypoint", five)]}
+    assert headline_deltas(down)[0]["mAP"]["verdict"] == "resolved down"
 
 
 def test_tiny_ablation_from_scratch(tmp_path: Path) -> None:
@@ -145,6 +166,32 @@ def test_tiny_study_world_pretrains_one_backbone_that_every_row_starts_from(tmp_
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2 and "student-ablate-depth-s0" in refused.output and "lr" in refused.output
     assert timing.stat().st_mtime_ns == trained
+
+
+def test_a_study_table_refuses_students_of_another_world_by_name(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    args = ["ablate", "--preset", "study", "--out", str(out), "--tiny", "--workers", "0", "--seeds", "0",
+            "--rows", "depth"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    pin = json.loads((out / "world.json").read_text())
+    from tigbev.utils.provenance import file_sha256
+
+    assert pin["teacher_sha256"] == file_sha256(out / "teacher" / "last.pt")
+    assert pin["backbone_sha256"] == file_sha256(out / "pretrain" / "backbone.pth") and pin["commit"]
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["world"] == pin and table["student_commits"]
+    # A student whose recorded world is another one (here: another teacher) is refused, naming the student.
+    timing = out / "student-ablate-depth-s0" / "timing.json"
+    record = json.loads(timing.read_text())
+    timing.write_text(json.dumps({**record, "world": {**pin, "teacher_sha256": "0" * 64}}))
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "student-ablate-depth-s0" in refused.output and "another world" in refused.output
+    timing.write_text(json.dumps(record))
+    # A world whose teacher was replaced after pinning is refused before any student is read.
+    (out / "world.json").write_text(json.dumps({**pin, "teacher_sha256": "1" * 64}))
+    replaced = CliRunner().invoke(app, args)
+    assert replaced.exit_code == 2 and "world.json" in replaced.output and "teacher" in replaced.output
 
 
 def test_tiny_bda_comparison_trains_every_row_augmented_from_its_own_cache(tmp_path: Path) -> None:

@@ -463,18 +463,22 @@ def demo(
     teacher_epochs: Annotated[int | None, typer.Option(
         min=1, help=f"(default {_default(_DemoConfig, 'teacher_epochs')})")] = None,
     student_epochs: Annotated[int | None, typer.Option(
-        min=1, help=f"(default {_default(_DemoConfig, 'student_epochs')}, 300 steps)")] = None,
+        min=1, help=f"(default {_default(_DemoConfig, 'student_epochs')}: 50 steps of batch 2 each)")] = None,
+    pretrain_epochs: Annotated[int | None, typer.Option(
+        min=0, help=f"Backbone pretraining shared by both students (default "
+                    f"{_default(_DemoConfig, 'pretrain_epochs')}; 0: students start from random weights).")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help=f"(default {_default(_DemoConfig, 'workers')})")]
     = None,
     tiny: Annotated[bool, typer.Option(help="A seconds-long smoke configuration of every stage.")] = False,
 ) -> None:
     """synth -> train-teacher -> extract-teacher -> train-student (baseline, TiG) -> evaluate: the whole chain."""
-    from tigbev.pipeline.demo import run, summary_table
+    from tigbev.pipeline.demo import run, summary_reading, summary_table
 
     summary = run(_DemoConfig(out_dir=out, tiny=tiny, **_given(seed=seed, teacher_epochs=teacher_epochs,
-                                                               student_epochs=student_epochs, workers=workers)))
+                                                               student_epochs=student_epochs, workers=workers,
+                                                               pretrain_epochs=pretrain_epochs)))
     typer.echo(summary_table(summary))
-    typer.echo(f"summary: {out / 'summary.json'}")
+    typer.echo(summary_reading(summary, out))
 
 
 @app.command("ablate")
@@ -485,9 +489,9 @@ def ablate(
                                                     f"{_default(_AblateConfig, 'preset')}).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the world and every row (shared with `tigbev demo`).")]
     = Path("runs/ablate"),
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds; the table shows their mean (default "
-                                                   + ",".join(map(str, _default(_AblateConfig, "seeds")))
-                                                   + ").")] = None,
+    seeds: Annotated[str | None, typer.Option(help=(
+        "Comma-separated seeds; the table shows their mean and every paired comparison its 95 % interval (default "
+        "0,1,2,3,4 for the study preset, 0,1 for the demo's)."))] = None,
     rows: Annotated[str | None, typer.Option(help=(
         "Comma-separated row keys (default: every row; with --augment the BDA comparison: "
         f"{','.join(_BDA_ROWS)})."))] = None,

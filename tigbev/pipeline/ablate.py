@@ -28,14 +28,16 @@ from tigbev.config import LossWeights
 from tigbev.pipeline.demo import (
     CacheChoice,
     DemoConfig,
+    DemoWorld,
     prepare_world,
     train_demo_student,
     world_preset,
 )
+from tigbev.utils.paired import mean_interval, paired_difference
 from tigbev.utils.provenance import write_json_atomic
 
-__all__ = ["ABLATION_ROWS", "BDA_ROWS", "HEADLINES", "PUBLISHED", "AblateConfig", "AblationRow", "ablation_table",
-           "headline_deltas", "paired_verdict", "run"]
+__all__ = ["ABLATION_ROWS", "BDA_ROWS", "HEADLINES", "PUBLISHED", "STUDY_SEEDS", "AblateConfig", "AblationRow",
+           "ablation_table", "headline_deltas", "paired_entry", "paired_verdict", "plot_ablation", "plot_paired", "run"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,9 @@ ABLATION_ROWS: tuple[AblationRow, ...] = (
 _VARIANT_ROWS = ("tig_flips", "tig_flips_int8", "tig_draws")
 """Rows that differ from ``inter_keypoint`` only under BDA (without it every cache mode trains on its canonical
 map): trained by default only with ``augment``."""
-BDA_ROWS: tuple[str, ...] = ("baseline", "online", "inter_keypoint", "tig_flips", "tig_draws")
-"""The default rows with ``augment``: the [bda] issue's comparison."""
+BDA_ROWS: tuple[str, ...] = ("online", "inter_keypoint", "tig_draws", "depth", "tig_flips", "tig_flips_int8")
+"""The default rows with ``augment``, in their training order (each seed across all rows before the next seed):
+the published online teacher, each cache mode (canonical, stored draws, flips in float16 and int8) and the base."""
 
 PUBLISHED: dict[str, str] = {
     "depth": "BEVDepth's depth supervision (the paper's base)",
@@ -103,11 +106,18 @@ HEADLINES: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = (
     ("tig_flips", "online", "flip-variant cache over the online teacher", None),
     ("tig_flips_int8", "online", "flip-variant cache (int8) over the online teacher", None),
     ("tig_draws", "online", "stored BDA draws over the online teacher", None),
+    ("online", "depth", "TiG-BEV (online teacher) over its base", None),
+    ("tig_flips", "inter_keypoint", "flip-variant cache over the canonical cache", None),
+    ("tig_flips_int8", "inter_keypoint", "flip-variant cache (int8) over the canonical cache", None),
+    ("tig_draws", "inter_keypoint", "stored BDA draws over the canonical cache", None),
+    ("tig_flips_int8", "tig_flips", "int8 over float16 storage (flip-variant caches)", None),
 )
 """(row, reference row, reading, published (mAP, NDS) points or None): the comparisons METHOD.md section 6 reports,
 two the paper does not, and each step of the chain (what every component adds to the rows before it)."""
 
 _METRICS = ("mAP", "NDS", "mATE", "mAOE")
+STUDY_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+"""The study preset's default seeds: five, so each paired comparison has a t interval with 4 degrees of freedom."""
 _DEMO_STUDENTS = {"depth": "baseline", "inter_keypoint": "tig"}
 """Rows that ``tigbev demo`` trains (its directory names), for the demo's seed."""
 
@@ -118,7 +128,8 @@ class AblateConfig:
     preset: str = "demo"
     """World and budget (:func:`tigbev.pipeline.demo.world_preset`): ``demo`` (tigbev demo's world, shared with it)
     or ``study`` (1000 train / 200 val samples, a pretrained backbone)."""
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] | None = None
+    """Default: :data:`STUDY_SEEDS` for the study preset (the >= 5 seeds an interval needs), (0, 1) for the demo."""
     teacher_epochs: int | None = None
     """Default: the preset's."""
     student_epochs: int | None = None
@@ -154,8 +165,12 @@ class AblateConfig:
         unknown = [r for r in self.rows if r not in known]
         if unknown:
             raise ValueError(f"AblateConfig.rows: unknown {unknown}; choose from {sorted(known)}")
+        if self.seeds is None:
+            object.__setattr__(self, "seeds", STUDY_SEEDS if self.preset == "study" else (0, 1))
         if not self.seeds:
             raise ValueError("AblateConfig.seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"AblateConfig.seeds: a seed is given twice in {self.seeds}")
         if self.frames < 1:
             raise ValueError(f"AblateConfig.frames must be >= 1, got {self.frames}")
         if self.sampler not in ("uniform", "cbgs"):
@@ -163,45 +178,69 @@ class AblateConfig:
 
 
 def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate every row for every seed (reusing finished ones); write the table and the chart."""
+    """Train and evaluate every row for every seed (reusing finished ones); write the table and the charts.
+
+    Students are trained seed by seed, across the rows in ``cfg.rows``' order, and the table is rewritten after
+    each seed, so a run cut short leaves a table whose rows are paired over the same seeds."""
     overrides = {k: v for k, v in (("teacher_epochs", cfg.teacher_epochs), ("student_epochs", cfg.student_epochs))
                  if v is not None}
     if cfg.augment:
         overrides["student_augment"] = True
     overrides.update(student_frames=cfg.frames, student_sampler=cfg.sampler)
-    demo = DemoConfig(out_dir=cfg.out_dir, seed=cfg.seeds[0], workers=cfg.workers, tiny=cfg.tiny,
+    seeds = cfg.seeds or ()
+    demo = DemoConfig(out_dir=cfg.out_dir, seed=seeds[0], workers=cfg.workers, tiny=cfg.tiny,
                       **{**world_preset(cfg.preset), **overrides})
     world = prepare_world(demo, progress=progress)
-    rows: list[dict[str, Any]] = []
-    for row in ABLATION_ROWS:
-        if row.key not in cfg.rows:
-            continue
-        per_seed = []
-        for seed in cfg.seeds:
+    by_key = {r.key: r for r in ABLATION_ROWS}
+    done: dict[str, dict[str, dict[str, Any]]] = {}
+    result: dict[str, Any] = {}
+    for i, seed in enumerate(seeds):
+        for key in cfg.rows or ():
+            row = by_key[key]
             # The demo's two students are rows of this table (same weights, source, seed and budget): reused.
             name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed and cfg.preset == "demo" and not cfg.tag \
                 else None
             m = train_demo_student(demo, world, name or f"ablate{cfg.tag}-{row.key}-s{seed}", row.weights, row.source,
                                    seed=seed, cache=row.cache, progress=progress)
-            per_seed.append({k: m[k] for k in (*_METRICS, "step_s")})
-        summary = {k: statistics.fmean(s[k] for s in per_seed) for k in (*_METRICS, "step_s")}
-        spread = {k: (max(s[k] for s in per_seed) - min(s[k] for s in per_seed)) / 2 for k in _METRICS}
+            done.setdefault(key, {})[str(seed)] = {k: m[k] for k in (*_METRICS, "step_s", "commit")}
+        result = _write_table(cfg, demo, world, done, seeds[:i + 1])
+    return result
+
+
+def _write_table(cfg: AblateConfig, demo: DemoConfig, world: DemoWorld, done: dict[str, dict[str, dict[str, Any]]],
+                 seeds: tuple[int, ...]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for row in ABLATION_ROWS:
+        if row.key not in done:
+            continue
+        per_seed = done[row.key]
+        values = list(per_seed.values())
+        summary = {k: statistics.fmean(s[k] for s in values) for k in (*_METRICS, "step_s")}
+        spread = {k: (max(s[k] for s in values) - min(s[k] for s in values)) / 2 for k in _METRICS}
+        ci95 = {k: mean_interval([s[k] for s in values])[1] if len(values) > 1 else None for k in _METRICS}
         rows.append({"key": row.key, "label": row.label, "source": row.source,
-                     "weights": dataclasses.asdict(row.weights), "mean": summary, "half_range": spread,
-                     "per_seed": dict(zip(map(str, cfg.seeds), per_seed)), "published": PUBLISHED.get(row.key, "")})
-    result = {"preset": cfg.preset, "seeds": list(cfg.seeds), "student_epochs": demo.student_epochs, "rows": rows,
-              "augment": cfg.augment, "frames": cfg.frames, "sampler": cfg.sampler, "stages": world.stages}
+                     "weights": dataclasses.asdict(row.weights), "mean": summary, "ci95_half": ci95,
+                     "half_range": spread, "per_seed": per_seed, "published": PUBLISHED.get(row.key, ""),
+                     "cache": row.cache.dirname if row.source == "cache" else None})
+    commits = sorted({s["commit"] for r in done.values() for s in r.values()})
+    result = {"preset": cfg.preset, "seeds": list(seeds), "student_epochs": demo.student_epochs, "rows": rows,
+              "augment": cfg.augment, "frames": cfg.frames, "sampler": cfg.sampler, "stages": world.stages,
+              "world": world.pin, "student_commits": commits}
     result["headlines"] = headline_deltas(result)
     stem = f"ablation{cfg.tag}"
     write_json_atomic(cfg.out_dir / f"{stem}.json", result)
     (cfg.out_dir / f"{stem}.md").write_text(ablation_table(result))
     plot_ablation(cfg.out_dir / f"{stem}.png", result)
+    if result["headlines"]:
+        plot_paired(cfg.out_dir / f"{stem}-paired.png", result["headlines"],
+                    f"{cfg.preset} world, {demo.student_epochs} epoch(s)" + (", BDA" if cfg.augment else ""))
     return result
 
 
 def headline_deltas(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The :data:`HEADLINES` whose two rows were both trained: mAP and NDS differences in points (x 100), paired by
-    seed (mean of the per-seed differences and half their range), beside the published difference."""
+    seed: the mean of the per-seed differences with its 95 % t interval and its reading (resolved where the interval
+    excludes 0), the sign agreement beside it, and the published difference."""
     by_key = {r["key"]: r for r in result["rows"]}
     out = []
     for key, ref, reading, published in HEADLINES:
@@ -210,29 +249,36 @@ def headline_deltas(result: dict[str, Any]) -> list[dict[str, Any]]:
         # One direction of the cache-vs-online comparison per table: the cache's over the teacher's under BDA.
         if (key, ref) == (("online", "inter_keypoint") if result.get("augment") else ("inter_keypoint", "online")):
             continue
-        seeds = [s for s in by_key[key]["per_seed"] if s in by_key[ref]["per_seed"]]
-        if not seeds:
+        entry = paired_entry(by_key[key], by_key[ref])
+        if entry is None:
             continue
         pub = None if published is None else dict(zip(("mAP", "NDS"), published))
-        entry: dict[str, Any] = {"row": key, "reference": ref, "reading": reading, "seeds": seeds,
-                                 "published_points": pub}
-        for metric in ("mAP", "NDS"):
-            diffs = [100.0 * (by_key[key]["per_seed"][s][metric] - by_key[ref]["per_seed"][s][metric]) for s in seeds]
-            entry[metric] = {"mean_points": statistics.fmean(diffs), "half_range_points": (max(diffs) - min(diffs)) / 2,
-                             "per_seed_points": dict(zip(seeds, diffs)), "verdict": paired_verdict(diffs)}
-        out.append(entry)
+        out.append({"row": key, "reference": ref, "reading": reading, "published_points": pub, **entry})
     return out
 
 
+def paired_entry(row: dict[str, Any], ref: dict[str, Any], metrics: tuple[str, ...] = ("mAP", "NDS")
+                 ) -> dict[str, Any] | None:
+    """``row`` against ``ref`` (two table rows with ``per_seed`` metrics), paired by seed: per metric the mean
+    difference in points, its 95 % interval, the reading and the sign agreement; None when no seed is shared."""
+    entry: dict[str, Any] = {}
+    for metric in metrics:
+        d = paired_difference({s: v[metric] for s, v in row["per_seed"].items()},
+                              {s: v[metric] for s, v in ref["per_seed"].items()}, scale=100.0)
+        if d is None:
+            return None
+        entry["seeds"] = list(d.per_seed)
+        entry[metric] = {"mean_points": d.mean, "ci95_half_points": d.half_width if d.n > 1 else None,
+                         "ci95_points": [d.low, d.high] if d.n > 1 else None,
+                         "per_seed_points": d.per_seed, "verdict": d.reading, "signs": d.signs, "cell": d.cell()}
+    return entry
+
+
 def paired_verdict(diffs: list[float]) -> str:
-    """How the paired differences read: the same sign in every seed, or inside the noise."""
-    if len(diffs) < 2:
-        return "one seed"
-    if min(diffs) > 0:
-        return "up in every seed"
-    if max(diffs) < 0:
-        return "down in every seed"
-    return "inside the noise"
+    """How paired differences read: ``resolved up`` / ``resolved down`` where their 95 % t interval excludes 0,
+    ``inside the noise`` otherwise (``one seed`` for a single difference)."""
+    d = paired_difference({str(i): v for i, v in enumerate(diffs)}, {str(i): 0.0 for i in range(len(diffs))})
+    return "one seed" if d is None else d.reading
 
 
 def ablation_table(result: dict[str, Any]) -> str:
@@ -240,26 +286,31 @@ def ablation_table(result: dict[str, Any]) -> str:
     head = "| row | mAP | NDS | mATE | mAOE | step (s) | published |\n|---|---|---|---|---|---|---|\n"
     lines = []
     for r in result["rows"]:
-        cells = [f"{r['mean'][k]:.4f}" + (f" ± {r['half_range'][k]:.4f}" if seeds > 1 else "") for k in _METRICS]
+        cells = []
+        for k in _METRICS:
+            values = [s[k] for s in r["per_seed"].values()]
+            mean, half = mean_interval(values)
+            cells.append(f"{mean:.4f}" + (f" ± {half:.4f}" if len(values) > 1 else ""))
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['mean']['step_s']:.2f} | {r['published']} |")
     recipe = ", ".join(x for x in ("image augmentation and BDA" if result.get("augment") else "",
                                    f"{result['frames']} key frames" if result.get("frames", 1) > 1 else "",
                                    "CBGS" if result.get("sampler") == "cbgs" else "") if x)
-    note = (f"\nMean over {seeds} seed(s) (± half the range), {result['student_epochs']} epochs each"
-            + (f" ({recipe})" if recipe else "") + ", synth_val, "
+    note = (f"\nMean over {seeds} seed(s) (± the half-width of the 95 % t interval of the mean), "
+            f"{result['student_epochs']} epochs each" + (f" ({recipe})" if recipe else "") + ", synth_val, "
             "official nuScenes metrics; TP errors are in metres / radians (lower is better).\n")
     heads = headline_deltas(result)
     if heads:
-        note += ("\n| comparison | ΔmAP (points) | ΔNDS (points) | published ΔmAP / ΔNDS (nuScenes val) | reading |\n"
-                 "|---|---|---|---|---|\n")
+        note += ("\n| comparison | seeds | ΔmAP (points) | ΔNDS (points) | published ΔmAP / ΔNDS (nuScenes val) | "
+                 "reading (mAP / NDS) | signs (mAP / NDS) |\n|---|---|---|---|---|---|---|\n")
         for h in heads:
-            cells = [f"{h[m]['mean_points']:+.1f}" + (f" ± {h[m]['half_range_points']:.1f}" if len(h["seeds"]) > 1
-                                                       else "") for m in ("mAP", "NDS")]
             pub = h["published_points"]
-            verdicts = f"mAP {h['mAP']['verdict']}, NDS {h['NDS']['verdict']}"
-            note += (f"| {h['reading']} | {cells[0]} | {cells[1]} | "
-                     + ("" if pub is None else f"{pub['mAP']:+.1f} / {pub['NDS']:+.1f}") + f" | {verdicts} |\n")
-        note += "\nDifferences are paired by seed (mean of the per-seed differences, ± half their range).\n"
+            note += (f"| {h['reading']} | {len(h['seeds'])} | {h['mAP']['cell']} | {h['NDS']['cell']} | "
+                     + ("" if pub is None else f"{pub['mAP']:+.1f} / {pub['NDS']:+.1f}")
+                     + f" | {h['mAP']['verdict']} / {h['NDS']['verdict']} | {h['mAP']['signs']} / "
+                       f"{h['NDS']['signs']} |\n")
+        note += ("\nDifferences are paired by seed: the mean of the per-seed differences ± the half-width of its 95 % "
+                 "confidence interval (Student's t, n - 1 degrees of freedom); resolved where the interval excludes "
+                 "0, inside the noise otherwise. Sign agreement over the seeds is shown beside, not read.\n")
     return head + "\n".join(lines) + "\n" + note
 
 
@@ -288,5 +339,36 @@ def plot_ablation(path: Path, result: dict[str, Any]) -> None:
     axes[1].legend(loc="lower right")
     axes[0].invert_yaxis()
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_paired(path: Path, headlines: list[dict[str, Any]], title: str) -> None:
+    """Each paired comparison's mean difference (mAP and NDS points) with its 95 % interval as whiskers and every
+    seed's difference as a dot; a filled marker where the interval excludes 0 (resolved)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(headlines) + 1.8), sharey=True)
+    for ax, metric in zip(axes, ("mAP", "NDS")):
+        for i, h in enumerate(headlines):
+            d = h[metric]
+            half = d["ci95_half_points"]
+            resolved = d["verdict"].startswith("resolved")
+            ax.errorbar([d["mean_points"]], [i], xerr=None if half is None else [[half], [half]], fmt="o",
+                        color="tab:blue" if resolved else "tab:gray", mfc="tab:blue" if resolved else "white",
+                        capsize=4, markersize=7, label=None)
+            seeds = list(d["per_seed_points"].values())
+            ax.plot(seeds, [i] * len(seeds), ".", color="black", alpha=0.5, markersize=4)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_title(f"Δ{metric} (points), mean and 95 % CI; dots: seeds")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(headlines)), [f"{h['reading']} (n={len(h['seeds'])})" for h in headlines])
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Paired by seed: {title}. Filled: the interval excludes 0", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

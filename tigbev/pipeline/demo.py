@@ -21,8 +21,8 @@ from tigbev.utils.run_dir import check_output_dir
 if TYPE_CHECKING:
     from tigbev.config import LossWeights
 
-__all__ = ["DEMO_KEYPOINT_GRID", "CacheChoice", "DemoConfig", "DemoWorld", "demo_output", "prepare_world", "run",
-           "summary_table", "train_demo_student", "world_cache", "world_preset"]
+__all__ = ["DEMO_KEYPOINT_GRID", "WORLD_PIN", "CacheChoice", "DemoConfig", "DemoWorld", "demo_output", "pin_world",
+           "prepare_world", "run", "summary_reading", "summary_table", "train_demo_student", "world_cache", "world_preset"]
 
 # 12 x 12 keypoints per box instead of the published 24 x 24: the same formulas at a demo size. On 2 CPU cores the
 # 576 x 576 Gram matrices of ~30 boxes per sample cost more than the student itself (16x less at 144 keypoints).
@@ -33,12 +33,13 @@ DEMO_KEYPOINT_GRID = 12
 class DemoConfig:
     out_dir: Path
     seed: int = 0
-    teacher_epochs: int = 12
-    student_epochs: int = 6
+    teacher_epochs: int = 10
+    student_epochs: int = 8
     student_lr: float = 2e-3
     student_augment: bool = False
-    """Both students train from scratch on 100 samples for 300 steps: at this budget augmentation only slows them
-    down (the published schedule augments over 24 epochs of 28k samples), and 2e-3 learns faster than 1e-3."""
+    """Both students train on 100 samples for 400 steps from the pretrained backbone: at this budget augmentation
+    only slows them down (the published schedule augments over 24 epochs of 28k samples), and 2e-3 learns faster
+    than 1e-3."""
     student_warmup_steps: int = 30
     student_frames: int = 1
     """Key frames per sample of every student (2: BEVDet4D / BEVDepth4D); the cache is the same for any count."""
@@ -46,8 +47,10 @@ class DemoConfig:
     """'uniform' or 'cbgs' (class-balanced grouping and sampling) for every student."""
     student_input_hw: tuple[int, int] | None = None
     """Network input (H, W) of every student; None: the demo preset's 128 x 352."""
-    pretrain_epochs: int = 0
-    """Epochs of ``tigbev pretrain-backbone`` on the world's train split (0: students start from random weights)."""
+    pretrain_epochs: int = 2
+    """Epochs of ``tigbev pretrain-backbone`` on the world's train split (0: students start from random weights).
+    The stage is shared by every student of the world, as the cache is, and is what lifts a small student most for
+    its cost (no ImageNet weights can be fetched at run time)."""
     synth: dict[str, Any] = field(default_factory=dict)
     """Overrides of the synthetic world's SynthConfig (scenes, val_scenes, ...); empty: the demo's 100 + 20."""
     workers: int = 1
@@ -70,7 +73,7 @@ def world_preset(name: str) -> dict[str, Any]:
 
 def demo_output(name: str) -> bool:
     """Whether a name in a demo (or ablation) directory is one that demo or ablate writes there."""
-    return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json",
+    return (name in ("synth", "teacher", "cache-train", "pretrain", "stages.json", "summary.json", WORLD_PIN,
                      "levers.json", "levers.md", "loss_scale.json", "loss_scale.md")
             or re.fullmatch(r"ablation(-[a-z0-9]+)*\.(json|md|png)", name) is not None
             or name.startswith(("student-", ".synth.partial-", "cache-train-"))
@@ -121,6 +124,10 @@ class DemoWorld:
     stages: dict[str, float]
     """Stage name -> seconds (kept across reruns in ``out_dir/stages.json``)."""
     record: Path
+    pin: dict[str, str] | None = None
+    """What identifies this world (``out_dir/world.json``): the sha256 of its teacher checkpoint and pretrained
+    backbone and the commit that built it. Every student trained here records it; a table refuses a student trained
+    against another world."""
 
 
 def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
@@ -171,7 +178,37 @@ def prepare_world(cfg: DemoConfig, *, progress: bool = True) -> DemoWorld:
                    max_steps=2 if cfg.tiny else None, resume=(pretrain_dir / "last.pt").exists()),
                    progress=progress), record)
     return DemoWorld(data=data, teacher_dir=teacher_dir, cache=cache, backbone=backbone, stages=stages,
-                     record=record)
+                     record=record, pin=pin_world(out, teacher_dir / "last.pt", backbone))
+
+
+WORLD_PIN = "world.json"
+
+
+def pin_world(out: Path, teacher: Path, backbone: Path | None, *, commit: str | None = None) -> dict[str, str]:
+    """The world's pin (``out/world.json``), written once when the world is first complete and checked after:
+    a teacher or backbone whose sha256 is not the pinned one means the world was rebuilt or replaced, and every
+    student trained against the old one would be compared with students of another world, so it is refused."""
+    from tigbev.errors import TigbevError
+    from tigbev.utils.provenance import file_sha256, git_commit
+
+    now = {"teacher_sha256": file_sha256(teacher),
+           "backbone_sha256": file_sha256(backbone) if backbone is not None else "none"}
+    path = out / WORLD_PIN
+    if path.exists():
+        pinned = json.loads(path.read_text())
+        changed = [k for k in now if pinned.get(k) != now[k]]
+        if changed:
+            raise TigbevError(f"{path}: the world's {', '.join(k.removesuffix('_sha256') for k in changed)} is not "
+                              f"the pinned one ({'; '.join(f'{k} {pinned.get(k)} != {now[k]}' for k in changed)}): "
+                              "it was rebuilt or replaced; choose another --out for a new world")
+        return pinned
+    pin = {**now, "commit": commit or git_commit(), "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json_atomic(path, pin)
+    return pin
+
+
+def _same_world(a: dict[str, str], b: dict[str, str]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("teacher_sha256", "backbone_sha256", "commit"))
 
 
 def _extract_cache(cfg: DemoConfig, data: Path, teacher_dir: Path, cache: Path, choice: CacheChoice,
@@ -231,7 +268,10 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
     def train() -> None:
         cache_dir = world_cache(cfg, world, cache, progress=progress) if source == "cache" else None
         result = train_student.run(settings(cache_dir), progress=progress)
-        write_json_atomic(run_dir / "timing.json", {"step_s": result.mean_step_s, "steps": result.steps})
+        from tigbev.utils.provenance import git_commit
+
+        write_json_atomic(run_dir / "timing.json", {"step_s": result.mean_step_s, "steps": result.steps,
+                                                    "world": world.pin, "commit": git_commit()})
 
     def finished() -> bool:
         """A finished student is reused only if it was trained with these settings (never under another budget)."""
@@ -240,6 +280,15 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
         from tigbev.errors import TigbevError
         from tigbev.utils.run_dir import config_differences
 
+        trained_in = json.loads((run_dir / "timing.json").read_text()).get("world")
+        if world.pin is not None and (trained_in is None or not _same_world(trained_in, world.pin)):
+            raise TigbevError(f"{run_dir} holds a student trained against another world ("
+                              + ("no world pin recorded" if trained_in is None else
+                                 f"teacher {trained_in.get('teacher_sha256', '?')[:12]}, backbone "
+                                 f"{trained_in.get('backbone_sha256', '?')[:12]}, commit {trained_in.get('commit')}")
+                              + f"; this world: teacher {world.pin['teacher_sha256'][:12]}, backbone "
+                              f"{world.pin['backbone_sha256'][:12]}, commit {world.pin['commit']}); move it away "
+                              "or choose another --out")
         saved = json.loads((run_dir / "config.json").read_text()).get("train", {})
         differences = config_differences(saved, settings(world.cache if source == "cache" else None).to_dict())
         if differences:
@@ -248,7 +297,9 @@ def train_demo_student(cfg: DemoConfig, world: DemoWorld, name: str, weights: Lo
         return True
 
     _timed(world.stages, f"train-student-{name}", finished, train, world.record)
-    return {**_metrics(run_dir / "eval" / "metrics.json"), "step_s": _metrics(run_dir / "timing.json")["step_s"]}
+    timing = _metrics(run_dir / "timing.json")
+    return {**_metrics(run_dir / "eval" / "metrics.json"), "step_s": timing["step_s"],
+            "commit": timing.get("commit", "unknown")}
 
 
 def run(cfg: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -285,3 +336,25 @@ def summary_table(summary: dict[str, Any]) -> str:
     rows += [f"| {k} | {v:.1f} |" for k, v in summary["stages"].items()]
     rows.append(f"| total | {summary['wall_s']:.1f} |")
     return "\n".join(rows) + "\n"
+
+
+def summary_reading(summary: dict[str, Any], out: Path) -> str:
+    """What the demo's table means and what to type next, in a few plain lines."""
+    base, tig = summary["students"]["baseline"], summary["students"]["tig"]
+    d_map, d_nds = 100 * (tig["mAP"] - base["mAP"]), 100 * (tig["NDS"] - base["NDS"])
+    verb = "helped" if d_map > 0 and d_nds > 0 else "did not help"
+    data, cache, student = out / "synth", out / "cache-train", out / "student-tig"
+    return "\n".join([
+        f"Distillation from the cache {verb} the same student by {d_map:+.1f} mAP and {d_nds:+.1f} NDS points "
+        f"(one seed; docs/STUDY.md has the paired comparisons over seeds), at {tig['step_s'] / base['step_s']:.2f}x "
+        "its training step.",
+        f"Pictures: {student / 'eval'} (BEV detections, per-class curves), {student / 'loss_curve.png'}; "
+        f"the teacher cache: {cache} (`tigbev cache info {cache}`).",
+        "Next:",
+        f"  tigbev train-student --preset demo --dataroot {data} --split synth_train --cache {cache} "
+        + (f"--backbone-weights {backbone} " if (backbone := out / "pretrain" / "backbone.pth").exists() else "")
+        + f"--out {out / 'student-mine'} --val-split synth_val      # another student, the same cache",
+        f"  tigbev evaluate {student / 'last.pt'} --dataroot {data} --split synth_val --out {out / 'eval-tig'}",
+        f"  tigbev bench --preset demo --out {out / 'bench'}      # what distillation costs, cache against online",
+        f"summary: {out / 'summary.json'}",
+    ]) + "\n"

@@ -284,12 +284,17 @@ def build_distillation(cfg: TrainStudentConfig, device: torch.device, *, tokens:
     dataset = CameraDetectionDataset(
         reader, tokens, cache=cache, split=cfg.split, input_hw=scfg.input_hw, feature_stride=FEATURE_STRIDE,
         image_policy=ImageAugPolicy(input_hw=scfg.input_hw), bda_policy=BevAugmentPolicy() if cfg.augment else None,
-        cache_grid=scfg.bev_grid, seed=cfg.seed, train=cfg.augment, point_range_m=_POINT_RANGE,
+        cache_grid=scfg.bev_grid, seed=cfg.seed, train=cfg.augment,
+        # Without a cache the GT boxes are filtered as extraction filters them: by the teacher's own point range.
+        point_range_m=tuple(online.teacher.point_range_m) if online is not None else _POINT_RANGE,
         min_depth_m=cache.manifest.depth.min_depth_m if cache is not None else 0.5,
         lidar_reader=online.reader if online is not None else None,  # the teacher's LiDAR is read in the workers
         online_keypoints=(cfg.keypoint_grid, KEYPOINT_ENLARGE_M) if online is not None else None,
         frames=cfg.frames,
     )
+    # The student's initial weights depend on the seed alone: loading an online teacher (or not) before this point
+    # draws from the global generator too, and must not give the two teacher sources different students.
+    torch.manual_seed(cfg.seed)
     model = DistillationModel(scfg, cfg, teacher_grid, teacher_channels)
     if cfg.backbone_weights is not None and load_backbone:
         from tigbev.models.student.resnet import load_torchvision_weights
