@@ -5,7 +5,7 @@
 Per size: ``extract-teacher``'s steady loop (first batch to finalised index) against the teacher's forward-only rate
 (read each sample's sweeps, frozen forward, nothing written), interleaved per repeat, on a synthetic world with at
 least as many samples as the largest size (demo preset, seeded random teacher: the timings are real). The ratio is
-the [ecosystem] issue's goal (>= 0.85x). Writes ``OUT/extraction-rate.json`` and ``OUT/extraction-rate.md``.
+the goal of 0.85x. Writes ``OUT/extraction-rate.json`` and ``OUT/extraction-rate.md``.
 """
 
 from __future__ import annotations

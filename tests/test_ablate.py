@@ -24,11 +24,15 @@ def test_rows_add_one_component_at_a_time() -> None:
     online = next(r for r in ABLATION_ROWS if r.source == "online")
     assert online.weights == LossWeights()  # full TiG-BEV, the published weights
     side = {r.key: r for r in ABLATION_ROWS if not r.in_chain}
-    assert set(side) == {"online", "keypoint_only", "tig_flips", "tig_flips_int8", "tig_draws"}
+    assert set(side) == {"online", "keypoint_only", "tig_flips", "tig_flips_int8", "tig_draws", "tig_equal_compute"}
+    # The equal-compute row: the canonical cache's TiG-BEV at 1.5x the table's steps.
+    equal = side["tig_equal_compute"]
+    assert equal.weights == LossWeights() and equal.cache.variants == "canonical"
+    assert equal.epochs(2) == 3 and equal.epochs(3) == 4.5
     for key in ("tig_flips", "tig_flips_int8", "tig_draws"):  # the full method, from another cache mode
         assert side[key].weights == LossWeights() and side[key].source == "cache" and side[key].cache.variants != \
             "canonical"
-    # Cache modes differ only under BDA: the plain table leaves them out, the augmented one is the [bda] comparison.
+    # Cache modes differ only under BDA: the plain table leaves them out, the augmented one compares them.
     assert "tig_flips" not in AblateConfig(out_dir=Path("x")).rows
     assert AblateConfig(out_dir=Path("x"), augment=True).rows == ("online", "inter_keypoint", "tig_draws", "depth",
                                                                   "tig_flips", "tig_flips_int8")
@@ -197,12 +201,16 @@ def test_a_study_table_refuses_students_of_another_world_by_name(tmp_path: Path)
 def test_tiny_bda_comparison_trains_every_row_augmented_from_its_own_cache(tmp_path: Path) -> None:
     out = tmp_path / "bda"
     args = ["ablate", "--preset", "demo", "--out", str(out), "--tiny", "--workers", "0", "--seeds", "0", "--augment",
-            "--rows", "online,inter_keypoint,tig_flips,tig_draws"]
+            "--rows", "online,inter_keypoint,tig_flips,tig_draws,tig_equal_compute"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     table = json.loads((out / "ablation-aug.json").read_text())
+    equal = json.loads((out / "student-ablate-aug-tig_equal_compute-s0" / "config.json").read_text())["train"]
+    online = json.loads((out / "student-ablate-aug-online-s0" / "config.json").read_text())["train"]
+    assert equal["epochs"] == 1.5 * online["epochs"] and equal["cache"] == str(out / "cache-train")
     assert table["augment"] is True and not (out / "ablation.json").exists()
-    assert [r["key"] for r in table["rows"]] == ["inter_keypoint", "online", "tig_flips", "tig_draws"]
+    assert [r["key"] for r in table["rows"]] == ["inter_keypoint", "online", "tig_flips", "tig_draws",
+                                                 "tig_equal_compute"]
     caches = {"inter_keypoint": "cache-train", "tig_flips": "cache-train-flips", "tig_draws": "cache-train-draws4"}
     for key, cache in caches.items():
         cfg = json.loads((out / f"student-ablate-aug-{key}-s0" / "config.json").read_text())["train"]

@@ -1,4 +1,4 @@
-"""Teacher-map variants of the cache ([bda]): canonical, the four flips, and stored BDA draws, against the published
+"""Teacher-map variants of the cache: canonical, the four flips, and stored BDA draws, against the published
 online teacher (the teacher run on the augmented points) on the same augmented samples."""
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ targets, resume, and DDP under torchrun."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -280,3 +281,16 @@ def test_another_input_size_trains_from_the_same_cache_and_evaluates_at_its_size
 def test_an_input_size_below_the_stride_or_not_two_integers_is_refused(synth_root: Path, hw: tuple) -> None:
     with pytest.raises(ValueError, match="TrainStudentConfig.input_hw"):
         _cfg(synth_root, Path("unused"), None, teacher="none", weights=LossWeights.baseline(), input_hw=hw)
+
+
+def test_a_fractional_epoch_budget_spans_its_steps(synth_root: Path, synth_cache: str, tmp_path: Path) -> None:
+    """1.5 epochs of 3 samples at batch 1: the schedule spans 4.5 -> 4 steps (round half to even), the run stops
+    there inside its second epoch, and the step decay sits at 19/24 and 23/24 of those steps."""
+    cfg = _cfg(synth_root, tmp_path / "frac", synth_cache, epochs=1.5, batch_size=1, max_steps=None, lr=1e-3,
+               warmup_steps=1)
+    result = train_student.run(cfg, progress=False)
+    assert result.steps == 4
+    records = [json.loads(line) for line in (tmp_path / "frac" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r.get("kind") == "epoch"] == [0, 1]
+    lrs = [r["lr"] for r in records if r.get("kind") == "step"]
+    assert lrs[-1] == pytest.approx(1e-5)  # both decays (steps 3 and 4 of 4) have happened by the last step

@@ -350,7 +350,9 @@ class TrainStudentConfig(_TrainLoopConfig):
     """Keypoints per box side with the online teacher (METHOD.md: 24 x 24); a cache carries its own grid."""
     self_assessment: SelfAssessmentConfig = dataclasses.field(default_factory=SelfAssessmentConfig)
     """Shapes of the self-assessment losses (used when ``weights.self_assessment`` > 0)."""
-    epochs: int = 12
+    epochs: float = 12
+    """Epochs of the schedule; a fraction is allowed (4.5: the schedule spans round(4.5 x steps per epoch) steps and
+    the last epoch stops there), for budgets set in steps, such as a cache student given an online one's compute."""
     batch_size: int = 2
     lr: float = 2e-4
     grad_clip: float = 5.0
@@ -393,6 +395,7 @@ class TrainStudentConfig(_TrainLoopConfig):
                  name, "teacher_checkpoint", "teacher='online' needs --teacher-checkpoint or --teacher-factory")
         _require(self.keypoint_grid >= 2, name, "keypoint_grid", f"must be >= 2, got {self.keypoint_grid}")
         _require(self.warmup_steps >= 0, name, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.epochs > 0, name, "epochs", f"must be > 0, got {self.epochs}")
         _require(self.frames >= 1, name, "frames", f"must be >= 1 (the current key frame), got {self.frames}")
         _require(self.sampler in ("uniform", "cbgs"), name, "sampler", f"'uniform' or 'cbgs', got {self.sampler!r}")
 

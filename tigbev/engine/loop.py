@@ -56,9 +56,10 @@ class StepPlan:
     continues the same curve."""
 
 
-def plan_steps(num_samples: int, batch_size: int, epochs: int, max_steps: int | None) -> StepPlan:
+def plan_steps(num_samples: int, batch_size: int, epochs: float, max_steps: int | None) -> StepPlan:
+    """The steps of ``epochs`` epochs (a fraction spans the whole steps it covers) of ``num_samples``."""
     steps_per_epoch = math.ceil(num_samples / batch_size)
-    schedule_steps = epochs * steps_per_epoch
+    schedule_steps = round(epochs * steps_per_epoch)
     return StepPlan(steps_per_epoch, schedule_steps,
                     schedule_steps if max_steps is None else min(schedule_steps, max_steps))
 

@@ -10,7 +10,7 @@ directory), then the camera student trained with each loss component added in tu
 Every row is evaluated on synth_val with the official metrics; the table (mean and spread over seeds) goes to
 ``ablation.json`` / ``ablation.md`` and a bar chart to ``ablation.png``. Finished rows are reused on rerun.
 
-With ``augment`` (the [bda] question) every student trains with the published image augmentation and BDA, and the
+With ``augment`` every student trains with the published image augmentation and BDA, and the
 rows compare the published online teacher (the teacher on the augmented points) with each cache mode: canonical
 (BDA replayed on the stored map), the four flipped maps, and stored BDA draws; the table goes to
 ``ablation-aug.*``.
@@ -50,6 +50,14 @@ class AblationRow:
     """Part of the chain that adds one component per row; ``False``: a side row (another teacher, or a leave-out)."""
     cache: CacheChoice = CacheChoice()
     """Which of the world's caches the row reads (``source='cache'``)."""
+    steps_factor: float = 1.0
+    """The row's steps over the table's budget: 1.5 gives a cache student the compute of an online one when the
+    teacher takes a third of each online step."""
+
+    def epochs(self, budget: float) -> float:
+        """The row's epochs (possibly fractional) at a table budget of ``budget`` epochs."""
+        epochs = budget * self.steps_factor
+        return int(epochs) if float(epochs).is_integer() else epochs
 
 
 _OFF = LossWeights(depth=0.0, inner_depth=0.0, inter_keypoint=0.0, inter_channel=0.0, dense_feature=0.0,
@@ -76,10 +84,12 @@ ABLATION_ROWS: tuple[AblationRow, ...] = (
                 cache=CacheChoice(variants="flips", feature_dtype="int8")),
     AblationRow("tig_draws", "TiG-BEV, 4 stored BDA draws", _TIG, "cache", in_chain=False,
                 cache=CacheChoice(variants="draws", draws=4)),
+    AblationRow("tig_equal_compute", "TiG-BEV from the cache, 1.5x the steps", _TIG, "cache", in_chain=False,
+                steps_factor=1.5),
 )
-_VARIANT_ROWS = ("tig_flips", "tig_flips_int8", "tig_draws")
-"""Rows that differ from ``inter_keypoint`` only under BDA (without it every cache mode trains on its canonical
-map): trained by default only with ``augment``."""
+_VARIANT_ROWS = ("tig_flips", "tig_flips_int8", "tig_draws", "tig_equal_compute")
+"""Rows of the cache-against-online comparison: the cache modes differ from ``inter_keypoint`` only under BDA
+(without it every cache mode trains on its canonical map); trained by default only with ``augment``."""
 BDA_ROWS: tuple[str, ...] = ("online", "inter_keypoint", "tig_draws", "depth", "tig_flips", "tig_flips_int8")
 """The default rows with ``augment``, in their training order (each seed across all rows before the next seed):
 the published online teacher, each cache mode (canonical, stored draws, flips in float16 and int8) and the base."""
@@ -111,6 +121,8 @@ HEADLINES: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = (
     ("tig_flips_int8", "inter_keypoint", "flip-variant cache (int8) over the canonical cache", None),
     ("tig_draws", "inter_keypoint", "stored BDA draws over the canonical cache", None),
     ("tig_flips_int8", "tig_flips", "int8 over float16 storage (flip-variant caches)", None),
+    ("tig_equal_compute", "online", "the cache at 1.5x the steps over the online teacher (equal compute at a "
+                                    "teacher share of 1/3)", None),
 )
 """(row, reference row, reading, published (mAP, NDS) points or None): the comparisons METHOD.md section 6 reports,
 two the paper does not, and each step of the chain (what every component adds to the rows before it)."""
@@ -139,9 +151,9 @@ class AblateConfig:
     """Row keys to train (default: every row, or :data:`BDA_ROWS` with ``augment``); the table keeps
     ABLATION_ROWS' order."""
     augment: bool = False
-    """Train every row with the published image augmentation and BDA (the [bda] comparison)."""
+    """Train every row with the published image augmentation and BDA (the cache modes against the online teacher)."""
     frames: int = 1
-    """Key frames per student sample (2: BEVDet4D / BEVDepth4D, the [temporal] comparison)."""
+    """Key frames per student sample (2: BEVDet4D / BEVDepth4D)."""
     sampler: str = "uniform"
     """'uniform' or 'cbgs' (class-balanced grouping and sampling)."""
     tiny: bool = False
@@ -200,8 +212,10 @@ def run(cfg: AblateConfig, *, progress: bool = True) -> dict[str, Any]:
             # The demo's two students are rows of this table (same weights, source, seed and budget): reused.
             name = _DEMO_STUDENTS.get(row.key) if seed == demo.seed and cfg.preset == "demo" and not cfg.tag \
                 else None
-            m = train_demo_student(demo, world, name or f"ablate{cfg.tag}-{row.key}-s{seed}", row.weights, row.source,
-                                   seed=seed, cache=row.cache, progress=progress)
+            budget = demo if row.steps_factor == 1.0 else \
+                dataclasses.replace(demo, student_epochs=row.epochs(demo.student_epochs))
+            m = train_demo_student(budget, world, name or f"ablate{cfg.tag}-{row.key}-s{seed}", row.weights,
+                                   row.source, seed=seed, cache=row.cache, progress=progress)
             done.setdefault(key, {})[str(seed)] = {k: m[k] for k in (*_METRICS, "step_s", "commit")}
         result = _write_table(cfg, demo, world, done, seeds[:i + 1])
     return result
@@ -351,7 +365,7 @@ def plot_paired(path: Path, headlines: list[dict[str, Any]], title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(headlines) + 1.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(headlines) + 1.8), sharey=True)
     for ax, metric in zip(axes, ("mAP", "NDS")):
         for i, h in enumerate(headlines):
             d = h[metric]
@@ -363,11 +377,12 @@ def plot_paired(path: Path, headlines: list[dict[str, Any]], title: str) -> None
             seeds = list(d["per_seed_points"].values())
             ax.plot(seeds, [i] * len(seeds), ".", color="black", alpha=0.5, markersize=4)
         ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_title(f"Δ{metric} (points), mean and 95 % CI; dots: seeds")
+        ax.set_title(f"Δ{metric} (points)")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(headlines)), [f"{h['reading']} (n={len(h['seeds'])})" for h in headlines])
     axes[0].invert_yaxis()
-    fig.suptitle(f"Paired by seed: {title}. Filled: the interval excludes 0", fontsize=10)
+    fig.suptitle(f"Paired by seed ({title}): the mean difference with its 95 % interval, a dot per seed; "
+                 "filled where the interval excludes 0", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -34,7 +34,7 @@ class DemoConfig:
     out_dir: Path
     seed: int = 0
     teacher_epochs: int = 10
-    student_epochs: int = 8
+    student_epochs: float = 8
     student_lr: float = 2e-3
     student_augment: bool = False
     """Both students train on 100 samples for 400 steps from the pretrained backbone: at this budget augmentation
