@@ -28,7 +28,7 @@ from tigbev.cache.store import (
     fs_and_path,
     records_key,
 )
-from tigbev.cache.tools import verify_cache
+from tigbev.cache.tools import cache_info, verify_cache
 from tigbev.cli import app
 from tigbev.config import ExtractTeacherConfig, SynthConfig
 from tigbev.data.camera_dataset import CameraDetectionDataset
@@ -120,6 +120,57 @@ def test_a_truncated_shard_file_is_a_fault(damaged: Path) -> None:
     assert all("checksum" in f.message or "truncated" in f.message for f in faults)
     with pytest.raises(CacheError, match=r"sample 1 .* array records: chunk file shards/000000/records/c/0"):
         CacheReader(str(damaged)).read(1)
+
+
+_FILE_DAMAGE = {  # what each damage does to the cache, and the words of its fault
+    "lost chunk file": (lambda c: _shard_file(c, 1).unlink(),
+                        "shard 1, array records: chunk file shards/000001/records/c/0 is missing (sample 2)"),
+    "lost array metadata": (lambda c: (c / records_key(0) / "zarr.json").unlink(),
+                            "shard 0, array records: array metadata shards/000000/records/zarr.json is missing "
+                            "(samples 0-1)"),
+    "truncated shard file": (lambda c: _shard_file(c, 0).write_bytes(_shard_file(c, 0).read_bytes()[:-1000]),
+                             "shard 0, array records: chunk file shards/000000/records/c/0: its shard index fails "
+                             "its checksum (damaged or truncated) (samples 0-1)"),
+    "lost done flags": (lambda c: (c / "done" / "c" / "1").unlink(),
+                        "cache, array done: chunk file(s) done/c/1 missing: those shards read as not written"),
+}
+
+
+def test_info_says_complete_only_of_a_cache_whose_files_and_shard_indexes_are_sound(synth_cache: str) -> None:
+    info = cache_info(synth_cache)
+    assert info["complete"] and info["faults"] == [] and info["checked_shards"] == 2
+    lines = CliRunner().invoke(app, ["cache", "info", synth_cache]).output.splitlines()
+    assert "samples    3 / 3 done, complete" in lines
+    assert any(line.startswith("checked ") and "not verified: the inner chunks' crc32c" in line for line in lines)
+
+
+@pytest.mark.parametrize("damage", sorted(_FILE_DAMAGE))
+def test_info_never_calls_a_cache_with_a_lost_file_or_a_bad_shard_index_complete(damage: str,
+                                                                                   damaged: Path) -> None:
+    harm, fault = _FILE_DAMAGE[damage]
+    harm(damaged)
+    info = cache_info(str(damaged))
+    assert not info["complete"] and info["marked_complete"] and info["faults"][0] == fault
+    cli = CliRunner().invoke(app, ["cache", "info", str(damaged)])
+    assert cli.exit_code == 0, cli.output
+    samples = next(line for line in cli.output.splitlines() if line.startswith("samples "))
+    assert samples.endswith("done, DAMAGED") and "complete" not in samples
+    assert f"fault      {fault}" in cli.output.splitlines()
+
+
+@pytest.mark.parametrize("damage", ["lost chunk file", "lost array metadata", "truncated shard file"])
+def test_train_student_refuses_a_damaged_cache_before_its_first_step(damage: str, damaged: Path, synth_root: Path,
+                                                                     tmp_path: Path) -> None:
+    harm, fault = _FILE_DAMAGE[damage]
+    harm(damaged)
+    out = tmp_path / "student"
+    cli = CliRunner().invoke(app, ["train-student", "--preset", "demo", "--dataroot", str(synth_root), "--split",
+                                   SPLIT, "--out", str(out), "--cache", str(damaged), "--epochs", "1",
+                                   "--batch-size", "1", "--workers", "0", "--device", "cpu"])
+    lines = [line for line in cli.output.splitlines() if line.strip()]
+    assert cli.exit_code == 2 and lines == [f"error: cache {damaged} is damaged: {fault} (`tigbev cache verify` lists "
+                                            "every fault)"], cli.output
+    assert not out.exists()  # refused before anything was written, let alone a step
 
 
 def test_the_fast_reader_returns_what_zarr_reads(damaged: Path) -> None:

@@ -21,7 +21,7 @@ from tigbev.config import (
     SynthConfig,
     TrainStudentConfig,
 )
-from tigbev.errors import TigbevError
+from tigbev.errors import TigbevError, worker_error
 from tigbev.pipeline.ablate import BDA_ROWS as _BDA_ROWS
 from tigbev.pipeline.ablate import AblateConfig as _AblateConfig
 from tigbev.pipeline.demo import DemoConfig as _DemoConfig
@@ -72,7 +72,11 @@ def _root(debug: Annotated[bool, typer.Option(
 
 
 def _message(exc: BaseException) -> str:
-    """One line that says what failed, naming the file, option or sample (the errors' own messages do)."""
+    """One line that says what failed, naming the file, option or sample (the errors' own messages do); an error
+    raised in a DataLoader worker reads as it would in this process (not as torch's re-raise of its traceback)."""
+    original = worker_error(exc)
+    if original is not None:
+        exc = original
     if isinstance(exc, (TigbevError, ValueError)):
         text = str(exc)
     elif isinstance(exc, OSError):
@@ -576,7 +580,15 @@ def cache_info_cmd(cache: Annotated[str, typer.Argument(help="Cache directory or
 
     info = cache_info(cache)
     typer.echo(f"cache      {info['url']}")
-    typer.echo(f"samples    {info['done']} / {info['samples']} done, {'complete' if info['complete'] else 'INCOMPLETE'}")
+    state = "complete" if info["complete"] else ", ".join(
+        word for word, on in (("INCOMPLETE", not info["marked_complete"]), ("DAMAGED", info["faults"])) if on)
+    typer.echo(f"samples    {info['done']} / {info['samples']} done, {state}")
+    for fault in info["faults"][:5]:
+        typer.echo(f"fault      {fault}")
+    if len(info["faults"]) > 5:
+        typer.echo(f"fault      ... and {len(info['faults']) - 5} more (`tigbev cache verify` lists every fault)")
+    typer.echo(f"checked    the files and shard indexes of the {info['checked_shards']} done shard(s); not verified: "
+               f"{info['not_verified']}")
     typer.echo(f"dataset    {info['version']} split {info['split']}")
     typer.echo(f"teacher    sha256 {info['teacher_sha256'][:16]}...")
     g = info["grid"]

@@ -29,6 +29,9 @@ class ShardFileError(Exception):
         super().__init__(message)
         self.chunks = chunks
 
+    def __reduce__(self) -> tuple[Any, ...]:  # the chunks travel with the message to another process
+        return type(self), (self.args[0], self.chunks)
+
 
 def _crc32c(data: Any) -> int:
     import google_crc32c
@@ -118,6 +121,10 @@ class RecordsFile:
             raise ShardFileError(f"chunk file {_short_path(self.file_key)}: its shard index points past the data "
                                  "(truncated)")
         return index
+
+    def lost_chunks(self) -> tuple[int, ...]:
+        """The inner chunks that the shard index marks as not stored (tigbev stores every chunk: each is a loss)."""
+        return tuple(int(j) for j in np.flatnonzero(self._index[:, 0] == _MISSING))
 
     # --- reads -----------------------------------------------------------------------------------------------------
     def _read(self, start: int, length: int) -> bytes:

@@ -52,10 +52,13 @@ class SampleFault(CacheError):
     """A sample whose record cannot be read: ``what`` went wrong, in which record ``sections``."""
 
     def __init__(self, url: str, sample_idx: int, token: str, what: str, sections: Sequence[str] = ()):
-        self.sample_idx, self.token, self.what, self.sections = sample_idx, token, what, tuple(sections)
+        self.url, self.sample_idx, self.token, self.what, self.sections = url, sample_idx, token, what, tuple(sections)
         hit = f" (sections {', '.join(sections)})" if sections else ""
         super().__init__(f"cache {url}: sample {sample_idx} ({token}), array {RECORDS_ARRAY}{hit}: {what} "
                          "(`tigbev cache verify` lists every fault)")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from its fields where it is unpickled (another process)
+        return type(self), (self.url, self.sample_idx, self.token, self.what, self.sections)
 
 
 def records_compressor(features: FeatureStorage, choice: str = "auto") -> str:
@@ -431,13 +434,18 @@ class CacheReader:
         self._in_this_process()
         f = self._files.get(shard)
         if f is None:
-            fs, root = fs_and_path(self.url)
-            with remote_errors(self.url):
-                f = RecordsFile(fs, f"{root.rstrip('/')}/{records_key(shard)}", local=not _is_remote(self.url))
+            f = self.open_records(shard)
             if len(self._files) >= 64:  # keep a bounded number of open files
                 self._files.pop(next(iter(self._files))).close()
             self._files[shard] = f
         return f
+
+    def open_records(self, shard: int) -> RecordsFile:
+        """Shard ``shard``'s records array, opened now and not kept: its metadata read and its shard index read and
+        checked (raises ShardFileError). The caller closes it."""
+        fs, root = fs_and_path(self.url)
+        with remote_errors(self.url):
+            return RecordsFile(fs, f"{root.rstrip('/')}/{records_key(shard)}", local=not _is_remote(self.url))
 
     def record_row(self, sample_idx: int) -> dict[str, Any]:
         if not 0 <= sample_idx < len(self):

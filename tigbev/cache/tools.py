@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,21 @@ import numpy as np
 
 from tigbev.cache.schema import RECORDS_ARRAY, shard_index_path, tokens_sha256
 from tigbev.cache.shard_file import ShardFileError
-from tigbev.cache.store import CacheError, CacheReader, SampleFault, fs_and_path, read_parquet_rows, records_key
+from tigbev.cache.store import (
+    CacheError,
+    CacheReader,
+    SampleFault,
+    fs_and_path,
+    read_parquet_rows,
+    records_key,
+    remote_errors,
+)
 
-__all__ = ["Fault", "cache_info", "dump_sample", "keypoint_features", "verify_cache"]
+__all__ = ["Fault", "cache_info", "dump_sample", "file_faults", "keypoint_features", "refuse_damaged",
+           "verify_cache"]
+
+NOT_VERIFIED = "the inner chunks' crc32c (`tigbev cache verify` reads and checks every record)"
+"""What :func:`file_faults` leaves unchecked, as ``cache info`` says it."""
 
 
 @dataclass(frozen=True)
@@ -24,9 +37,12 @@ class Fault:
     token: str
     array: str
     message: str
+    shard: int = -1
+    """The shard of a fault that hits a whole shard's samples (``sample_idx`` is then -1)."""
 
     def __str__(self) -> str:
-        where = f"sample {self.sample_idx} ({self.token})" if self.sample_idx >= 0 else "cache"
+        where = f"sample {self.sample_idx} ({self.token})" if self.sample_idx >= 0 else \
+            f"shard {self.shard}" if self.shard >= 0 else "cache"
         return f"{where}, array {self.array}: {self.message}"
 
 
@@ -42,18 +58,97 @@ def _stored_bytes(url: str) -> dict[str, int]:
     return sizes
 
 
-def cache_info(url: str) -> dict[str, Any]:
-    """Summary of a cache: samples, completeness, bytes per sample (stored, and raw per record section),
-    compression ratio, teacher, grid, variants, the extractions writing it now."""
-    reader = CacheReader(url, require_complete=False)
+def file_faults(reader: CacheReader) -> Iterator[Fault]:
+    """The cheap checks of a cache, in shard order (``cache info`` runs them, and ``train-student`` before its first
+    step; :func:`verify_cache` is the full proof): the done flags' chunk files; for a cache marked complete, every
+    sample done and the consolidated index; for every done shard, its index file, its records array's metadata and
+    shard file, the shard index's crc32c, every inner chunk listed in it, and the array's size against the
+    consolidated index. A few small reads per shard and no record: the inner chunks' own checksums are not verified
+    (:data:`NOT_VERIFIED`)."""
     m = reader.manifest
-    done = np.asarray(reader.group["done"][:]).astype(bool)
-    stored = _stored_bytes(reader.url)
-    section_bytes: dict[str, int] = {}
-    n_rows = 0
+    with remote_errors(reader.url):
+        fs, root = fs_and_path(reader.url)
+        root = root.rstrip("/")
+        done = np.asarray(reader.group["done"][:]).astype(bool)
+        flag_files, index_files = (_names(fs, f"{root}/{d}") for d in ("done/c", "index"))
+        has_index = fs.exists(f"{root}/index.parquet")
+    lost_flags = [k for k in range(m.num_shards) if str(k) not in flag_files]
+    if lost_flags:
+        yield Fault(-1, "", "done", f"chunk file(s) {', '.join(f'done/c/{k}' for k in lost_flags[:5])}"
+                                    f"{', ...' if len(lost_flags) > 5 else ''} missing: those shards read as not "
+                                    "written")
+    ends: dict[int, int] = {}  # each shard's records end, as the consolidated index lists them
+    if m.complete:
+        if not done.all():
+            yield Fault(-1, "", "manifest", f"marked complete, but only {int(done.sum())} of "
+                                            f"{m.dataset.num_samples} samples are done")
+        if not has_index:
+            yield Fault(-1, "", "index", "index.parquet is missing")
+        else:
+            try:
+                rows = reader.index
+            except Exception as exc:  # noqa: BLE001 - an unreadable index is a fault to report
+                yield Fault(-1, "", "index", f"index.parquet unreadable: {_short(exc)}")
+            else:
+                for shard, offset, size in zip(rows["shard"], rows["record_offset"], rows["record_bytes"]):
+                    ends[shard] = max(ends.get(shard, 0), offset + size)
     for shard in range(m.num_shards):
         r = m.shard_range(shard)
         if not done[r.start:r.stop].all():
+            continue
+        samples = f"samples {r.start}-{r.stop - 1}" if len(r) > 1 else f"sample {r.start}"
+        if shard_index_path(shard).rsplit("/", 1)[1] not in index_files:
+            yield Fault(-1, "", "index", f"{shard_index_path(shard)} is missing ({samples})", shard)
+        try:
+            records = reader.open_records(shard)
+        except ShardFileError as exc:
+            yield Fault(-1, "", RECORDS_ARRAY, f"{exc} ({samples})", shard)
+            continue
+        try:
+            lost = records.lost_chunks()
+            if lost:
+                yield Fault(-1, "", RECORDS_ARRAY, f"inner chunk(s) {', '.join(map(str, lost[:5]))}"
+                                                   f"{', ...' if len(lost) > 5 else ''} of {records_key(shard)}/c/0 "
+                                                   f"are not in its shard index (lost) ({samples})", shard)
+            if shard in ends and records.nbytes != ends[shard]:
+                yield Fault(-1, "", RECORDS_ARRAY, f"{records_key(shard)} stores {records.nbytes} bytes, the index "
+                                                   f"lists {ends[shard]} ({samples})", shard)
+        finally:
+            records.close()
+
+
+def _names(fs: Any, path: str) -> set[str]:
+    """The names in folder ``path`` (none when it does not exist)."""
+    try:
+        return {str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def refuse_damaged(reader: CacheReader) -> None:
+    """Raise a CacheError naming the first of :func:`file_faults` (none: the cache's files and shard indexes are
+    sound)."""
+    fault = next(file_faults(reader), None)
+    if fault is not None:
+        raise CacheError(f"cache {reader.url} is damaged: {fault} (`tigbev cache verify` lists every fault)")
+
+
+def cache_info(url: str) -> dict[str, Any]:
+    """Summary of a cache: samples, completeness, bytes per sample (stored, and raw per record section),
+    compression ratio, teacher, grid, variants, the extractions writing it now. ``complete`` only when the manifest
+    says so, every sample is done and :func:`file_faults` finds nothing (``faults``); ``not_verified`` says what
+    was not checked."""
+    reader = CacheReader(url, require_complete=False)
+    m = reader.manifest
+    done = np.asarray(reader.group["done"][:]).astype(bool)
+    faults = list(file_faults(reader))
+    stored = _stored_bytes(reader.url)
+    section_bytes: dict[str, int] = {}
+    n_rows = 0
+    done_shards = [k for k in range(m.num_shards) if done[m.shard_range(k).start:m.shard_range(k).stop].all()]
+    lost_indexes = {f.shard for f in faults if f.array == "index"}
+    for shard in done_shards:
+        if shard in lost_indexes:
             continue
         rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
         for j in range(len(rows["sample_idx"])):
@@ -66,7 +161,11 @@ def cache_info(url: str) -> dict[str, Any]:
         "url": reader.url,
         "samples": m.dataset.num_samples,
         "done": int(done.sum()),
-        "complete": m.complete,
+        "complete": m.complete and bool(done.all()) and not faults,
+        "marked_complete": m.complete,
+        "faults": [str(f) for f in faults],
+        "checked_shards": len(done_shards),
+        "not_verified": NOT_VERIFIED,
         "split": m.dataset.split,
         "version": m.dataset.version,
         "features": {"mode": m.features.mode, "dtype": m.features.dtype, "channels": m.features.channels},

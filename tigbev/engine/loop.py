@@ -9,7 +9,7 @@ checked finite before every save, a resumed run continues the same curve) is wri
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from tigbev.errors import TigbevError
 from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import write_json_atomic
 from tigbev.utils.run_dir import check_resume, check_run_dir, remove_temporaries
+from tigbev.utils.workers import stopping_workers
 
 __all__ = ["RunStart", "StepLog", "StepPlan", "adamw_one_cycle", "backward_step", "begin_run", "plan_steps",
            "restore", "run_epochs", "save_training_state", "start_run_dir"]
@@ -146,19 +147,22 @@ def run_epochs(*, what: str, epochs: int, epoch0: int, step: int, plan: StepPlan
     for epoch in range(epoch0, epochs):
         if step >= plan.total_steps:
             break
-        bar = tqdm(loader_for(epoch), desc=f"{what} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
+        loader = loader_for(epoch)
         finished = True
-        for batch in bar:
-            last = body(batch, step)
-            scheduler.step()
-            step += 1
-            lr = scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{last.losses['total']:.3f}", lr=f"{lr:.1e}")
-            log.step(step, epoch, last.losses, last=step == plan.total_steps, lr=lr, unweighted=last.unweighted,
-                     **last.extra)
-            if step >= plan.total_steps:
-                finished = step % plan.steps_per_epoch == 0
-                break
+        with stopping_workers(loader) as batches:
+            bar = tqdm(batches, total=len(loader) if isinstance(loader, Sized) else None,
+                       desc=f"{what} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
+            for batch in bar:
+                last = body(batch, step)
+                scheduler.step()
+                step += 1
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{last.losses['total']:.3f}", lr=f"{lr:.1e}")
+                log.step(step, epoch, last.losses, last=step == plan.total_steps, lr=lr, unweighted=last.unweighted,
+                         **last.extra)
+                if step >= plan.total_steps:
+                    finished = step % plan.steps_per_epoch == 0
+                    break
         log.end_epoch(epoch, step)
         save(epoch + 1 if finished else epoch, step)
     return step, last

@@ -342,7 +342,7 @@ def summary_reading(summary: dict[str, Any], out: Path) -> str:
     """What the demo's table means and what to type next, in a few plain lines."""
     base, tig = summary["students"]["baseline"], summary["students"]["tig"]
     d_map, d_nds = 100 * (tig["mAP"] - base["mAP"]), 100 * (tig["NDS"] - base["NDS"])
-    verb = "helped" if d_map > 0 and d_nds > 0 else "did not help"
+    verb = "helped" if d_map > 0 and d_nds > 0 else "changed"
     data, cache, student = out / "synth", out / "cache-train", out / "student-tig"
     return "\n".join([
         f"Distillation from the cache {verb} the same student by {d_map:+.1f} mAP and {d_nds:+.1f} NDS points "

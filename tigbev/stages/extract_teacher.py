@@ -55,6 +55,7 @@ from tigbev.geometry import BevGrid
 from tigbev.models.teacher.protocol import check_bev_map, load_bev_teacher, manifest_config, reader_options
 from tigbev.utils.device import pick_device
 from tigbev.utils.provenance import provenance
+from tigbev.utils.workers import exit_with_parent, stopping_workers
 
 __all__ = ["ExtractResult", "build_manifest", "run", "variant_spec"]
 
@@ -219,7 +220,8 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
 
         dataset = _ExtractDataset(reader, tokens, teacher.point_range_m, cfg, manifest.variants)
         loader = DataLoader(dataset, batch_sampler=_ShardBatches(ranges, cfg.batch_size), collate_fn=_collate,
-                            num_workers=cfg.workers, prefetch_factor=2 if cfg.workers > 0 else None)
+                            num_workers=cfg.workers, prefetch_factor=2 if cfg.workers > 0 else None,
+                            worker_init_fn=exit_with_parent())
 
         # The writer thread: compression and I/O overlap the teacher's next batches.
         jobs: queue.Queue[tuple[int, list[SampleRecord]] | None] = queue.Queue(maxsize=2)
@@ -242,22 +244,23 @@ def run(cfg: ExtractTeacherConfig, *, progress: bool = True, tokens: Sequence[st
         bar = tqdm(total=n_todo, desc=f"extract {cfg.split} [{part + 1}/{parts}]", unit="sample",
                    disable=not progress)
         try:
-            for items in loader:
-                if errors:
-                    raise errors[0]
-                points = [p.to(device) for it in items for p in it.points]
-                bev_t = teacher.bev_map(points)
-                check_bev_map(teacher, bev_t, len(points), f"samples {[it.token for it in items]}")
-                bev = bev_t.float().cpu().numpy()  # (B * V, C, H, W)
-                v = manifest.variants.count
-                for j, it in enumerate(items):
-                    record = _record(it, bev[j * v:(j + 1) * v], manifest)
-                    shard = manifest.shard_of(it.sample_idx)
-                    pending.setdefault(shard, []).append(record)
-                    if len(pending[shard]) == len(manifest.shard_range(shard)):
-                        jobs.put((shard, pending.pop(shard)))
-                        written += len(manifest.shard_range(shard))
-                bar.update(len(items))
+            with stopping_workers(loader) as batches:
+                for items in batches:
+                    if errors:
+                        raise errors[0]
+                    points = [p.to(device) for it in items for p in it.points]
+                    bev_t = teacher.bev_map(points)
+                    check_bev_map(teacher, bev_t, len(points), f"samples {[it.token for it in items]}")
+                    bev = bev_t.float().cpu().numpy()  # (B * V, C, H, W)
+                    v = manifest.variants.count
+                    for j, it in enumerate(items):
+                        record = _record(it, bev[j * v:(j + 1) * v], manifest)
+                        shard = manifest.shard_of(it.sample_idx)
+                        pending.setdefault(shard, []).append(record)
+                        if len(pending[shard]) == len(manifest.shard_range(shard)):
+                            jobs.put((shard, pending.pop(shard)))
+                            written += len(manifest.shard_range(shard))
+                    bar.update(len(items))
         finally:
             jobs.put(None)
             thread.join()

@@ -51,6 +51,7 @@ from tigbev.models.student.resnet import ResNet
 from tigbev.models.student.student import FEATURE_STRIDE, StudentConfig, student_preset
 from tigbev.utils.provenance import provenance, write_json_atomic
 from tigbev.utils.training_log import TrainingLog
+from tigbev.utils.workers import exit_with_parent
 
 __all__ = ["NUM_CLASSES", "PretrainNet", "PretrainResult", "RenderedImages", "run"]
 
@@ -194,7 +195,7 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
     val = None
     if cfg.val_split is not None:
         val = DataLoader(RenderedImages(reader, reader.sample_tokens(cfg.val_split), scfg, train=False),
-                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+                         batch_size=cfg.batch_size, num_workers=cfg.workers, worker_init_fn=exit_with_parent())
     net = PretrainNet(scfg).to(device)
     plan = plan_steps(len(dataset), cfg.batch_size, cfg.epochs, cfg.max_steps)
     optimizer, scheduler = adamw_one_cycle(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, plan=plan,
@@ -209,7 +210,8 @@ def run(cfg: PretrainBackboneConfig, *, progress: bool = True) -> PretrainResult
     def loader_for(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
         return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                          generator=torch.Generator().manual_seed(cfg.seed + epoch), drop_last=False)
+                          generator=torch.Generator().manual_seed(cfg.seed + epoch), drop_last=False,
+                          worker_init_fn=exit_with_parent())
 
     def body(batch: Any, step: int) -> StepLog:
         images, depth_bin, cls = batch

@@ -347,6 +347,10 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     built = build_distillation(cfg, device, load_backbone=not resuming)
     scfg, reader, dataset, model, online = built.student_config, built.reader, built.dataset, built.model, built.online
     teacher_grid, cache_fingerprint = built.teacher_grid, built.cache_fingerprint
+    if built.cache is not None:  # a cache with a lost file or a damaged shard index is refused before any step
+        from tigbev.cache.tools import refuse_damaged
+
+        refuse_damaged(built.cache)
     model = model.to(device)
     train_set, sampling = _training_set(cfg, reader, dataset)
     if rank == 0 and progress and cfg.sampler != "uniform":
@@ -423,7 +427,7 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     with TrainingLog(out / "metrics.jsonl", every=_LOG_EVERY, enabled=rank == 0,
                      resume_step=step if resuming else None,
                      tensorboard=out / "tensorboard" if cfg.tensorboard else None) as log:
-        step, last_log = run_epochs(what="student", epochs=cfg.epochs, epoch0=epoch0, step=step, plan=plan,
+        step, last_log = run_epochs(what="student", epochs=math.ceil(cfg.epochs), epoch0=epoch0, step=step, plan=plan,
                                     loader_for=loader_for, body=body, scheduler=scheduler, log=log, save=save,
                                     progress=progress and rank == 0)
     last = last_log.losses if last_log else {}

@@ -36,6 +36,7 @@ from tigbev.models.teacher.checkpoint import CHECKPOINT_FORMAT as TEACHER_FORMAT
 from tigbev.models.teacher.checkpoint import load_checkpoint
 from tigbev.utils.provenance import provenance
 from tigbev.utils.training_log import TrainingLog
+from tigbev.utils.workers import exit_with_parent
 
 __all__ = ["TrainTeacherResult", "run"]
 
@@ -76,7 +77,7 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
         dataset.set_epoch(epoch)
         return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_lidar,
                           num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                          persistent_workers=False)
+                          persistent_workers=False, worker_init_fn=exit_with_parent())
 
     def body(batch: Any, step: int) -> StepLog:
         batch = batch.to(device)
