@@ -109,6 +109,17 @@ def _verify(url: str, n: int, channels: int) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t}
 
 
+def _early_check(url: str, n: int, channels: int) -> dict[str, Any]:
+    """What train-student runs before its first step: the files, the listed files' sha256 and every done shard's
+    index (no record read)."""
+    from tigbev.cache.store import CacheReader
+    from tigbev.cache.tools import refuse_damaged
+
+    t = time.perf_counter()
+    refuse_damaged(CacheReader(url))
+    return {"seconds": time.perf_counter() - t}
+
+
 def _reader_start(url: str, n: int, channels: int) -> dict[str, Any]:
     """What a DataLoader worker does first: open the store, the manifest and the index, read one sample."""
     from tigbev.cache.store import CacheReader
@@ -158,6 +169,7 @@ def _compat(url: str, n: int, channels: int) -> dict[str, Any]:
 
 
 STEPS = {"write (extraction's writer)": _write, "cache info": _info, "cache verify": _verify,
+         "train-student's early check": _early_check,
          "reader start-up (one worker)": _reader_start, "DataLoader, 2 workers, 64 reads": _loader,
          "compatibility check": _compat}
 

@@ -131,14 +131,15 @@ def test_a_cache_on_another_bev_range_is_refused_by_train_student(synth_root: Pa
                                                                    tmp_path: Path) -> None:
     import zarr
 
-    from tigbev.cache.schema import CACHE_ATTR
+    from tigbev.cache.schema import CACHE_ATTR, CHECKSUM_ATTR, manifest_digest
 
     other = tmp_path / "other-range"
     shutil.copytree(synth_cache, other)
     group = zarr.open_group(str(other), mode="r+")
     manifest = dict(group.attrs[CACHE_ATTR])
     manifest["grid"] = {**manifest["grid"], "x_min_m": -40.0, "x_max_m": 40.0}
-    group.attrs[CACHE_ATTR] = manifest
+    # A cache written for that range: its manifest with its own digest (an edit without it reads as damage).
+    group.attrs.update({CACHE_ATTR: manifest, CHECKSUM_ATTR: manifest_digest(manifest)})
     out = tmp_path / "student"
     _one_line_error(CliRunner().invoke(app, _student_args(synth_root, str(other), out)), str(other),
                     "grid x_min_m: cache has -40.0, expected -51.2", "grid x_max_m")

@@ -99,3 +99,24 @@ def test_an_unreachable_endpoint_is_one_line(s3_endpoint: str, monkeypatch: pyte
         assert len(lines) == 1 and lines[0].startswith("error: cannot reach s3://tigbev/cache: "), cli.output
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize("command", ["cache info", "cache verify", "cache dump", "train-student", "extract-teacher"])
+def test_an_unreachable_endpoint_is_one_line_and_nothing_else_on_every_command(command: str, synth_root: Path,
+                                                                                 demo_teacher_ckpt: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The whole output of a separate process (where the clean-up of an asyncio session would print its warnings
+    on exit) is the error line."""
+    url = "s3://tigbev/cache"
+    args = {"cache info": ["cache", "info", url], "cache verify": ["cache", "verify", url],
+            "cache dump": ["cache", "dump", url, "--sample", "x", "--out", str(tmp_path / "x.npz")],
+            "train-student": ["train-student", "--preset", "demo", "--dataroot", str(synth_root), "--split", SPLIT,
+                              "--out", str(tmp_path / "run"), "--cache", url, "--epochs", "1", "--device", "cpu"],
+            "extract-teacher": ["extract-teacher", "--teacher-checkpoint", str(demo_teacher_ckpt), "--dataroot",
+                                str(synth_root), "--split", SPLIT, "--out", url, "--device", "cpu"]}[command]
+    env = {**os.environ, **_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}
+    done = subprocess.run([sys.executable, "-m", "tigbev.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(output) == 1, done.stdout + done.stderr
+    assert output[0].startswith(f"error: cannot reach {url}"), output[0]

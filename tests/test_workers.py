@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from torch._utils import ExceptionWrapper
 from typer.testing import CliRunner
@@ -99,6 +100,10 @@ def _damage(kind: str, root: Path, cache: Path) -> None:
         if kind == "pcd":
             lidar = frame.lidar.sweep_paths[0]
             lidar.write_bytes(lidar.read_bytes()[:-3])
+        elif kind == "nan":  # one point's intensity, as a faulty export leaves it
+            points = np.fromfile(lidar := frame.lidar.sweep_paths[0], dtype=np.float32).reshape(-1, 5)
+            points[7, 3] = np.nan
+            points.tofile(lidar)
         elif kind == "jpeg":
             image.write_bytes(image.read_bytes()[:100])
         elif kind == "deleted":
@@ -117,6 +122,7 @@ def _error_line(result) -> str:
     ("deleted", "train-student", "CAM_FRONT) is missing"),
     ("deleted", "extract-teacher", "CAM_FRONT) is missing"),
     ("pcd", "extract-teacher", "is truncated or not a nuScenes .pcd.bin"),
+    ("nan", "extract-teacher", "holds 1 non-finite value (NaN or infinity, in intensity) in 1 of"),
 ])
 def test_a_fault_met_in_a_worker_is_the_line_the_main_process_gives(
         kind: str, command: str, needle: str, synth_root: Path, synth_cache: str, demo_teacher_ckpt: Path,

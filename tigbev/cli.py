@@ -445,15 +445,22 @@ def evaluate(
         min=1, help=f"Samples per forward (default {_default(EvaluateConfig, 'batch_size')}).")] = None,
     device: Annotated[str | None, typer.Option(
         help=f"'auto', 'cpu' or 'cuda[:N]' (default {_default(EvaluateConfig, 'device')}).")] = None,
+    bev_samples: Annotated[int | None, typer.Option(min=0, help=(
+        "Top-view pictures (predictions against the ground truth) of the first samples of the split "
+        f"(default {_default(EvaluateConfig, 'bev_samples')}; 0: none)."))] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the results of another checkpoint that --out holds (refused without it; "
+                            "results of the same checkpoint are always replaced).")] = False,
 ) -> None:
-    """Official nuScenes detection metrics (DetectionEval, detection_cvpr_2019) with plots and a Markdown table."""
+    """Official nuScenes detection metrics (DetectionEval, detection_cvpr_2019) with plots and a Markdown table;
+    metrics.json records the checkpoint (path, sha256, step), the dataset and the tigbev version that produced it."""
     from tigbev.stages import evaluate as stage
 
     if checkpoint is not None and not checkpoint.is_file():
         raise _fail(TigbevError(f"checkpoint not found: {checkpoint}"))
     result = stage.run(EvaluateConfig(checkpoint=checkpoint, dataroot=dataroot, split=split, out_dir=out,
-                                      gt_as_predictions=gt_as_predictions,
-                                      **_given(batch_size=batch_size, device=device)))
+                                      gt_as_predictions=gt_as_predictions, overwrite=overwrite,
+                                      **_given(batch_size=batch_size, device=device, bev_samples=bev_samples)))
     m = result.metrics
     typer.echo((out / "metrics.md").read_text())
     typer.echo(f"{split}: mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}  ({result.seconds:.0f} s) -> {out}")

@@ -412,7 +412,12 @@ class EvaluateConfig:
     device: str = "auto"
     bev_samples: int = 3
     """How many samples get a top-view picture of predictions against the ground truth."""
+    overwrite: bool = False
+    """Replace the results of another checkpoint (or of the ground truth) that ``out_dir`` holds; without it such
+    an ``out_dir`` is refused. Results of the same checkpoint (same sha256) are always replaced."""
 
     def __post_init__(self) -> None:
         if self.checkpoint is None and not self.gt_as_predictions:
             raise ValueError("EvaluateConfig.checkpoint: needed unless gt_as_predictions is set")
+        if self.bev_samples < 0:
+            raise ValueError(f"EvaluateConfig.bev_samples: must be >= 0, got {self.bev_samples}")

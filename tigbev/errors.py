@@ -7,7 +7,7 @@ import importlib
 import re
 import sys
 
-__all__ = ["DatasetError", "TigbevError", "worker_error"]
+__all__ = ["SENTENCE_END", "DatasetError", "TigbevError", "first_sentence", "worker_error"]
 
 
 class TigbevError(Exception):
@@ -66,3 +66,13 @@ def _exception_type(module: str, name: str) -> type[BaseException] | None:
                 mod = None
         found = getattr(mod, name, None)
     return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\[`])")
+"""Where one sentence of a message ends and the next begins."""
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text``, whitespace collapsed and without its final period: a cause quoted in a
+    message is quoted whole or not at all, never cut in the middle."""
+    return SENTENCE_END.split(" ".join(text.split()), 1)[0].rstrip(".")

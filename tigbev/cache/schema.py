@@ -13,6 +13,11 @@ A cache is a zarr v3 group (a local path or an fsspec URL)::
     CACHE/writers/<writer id>.json        the lease of each running extraction (pid, host, shards, heartbeat)
     CACHE/configs/part-<i>-of-<n>.json    the resolved configuration of each extraction part (CONFIG_DIR)
 
+A complete cache's manifest also lists the sha256 and size of every file but the records' shard files (which carry
+their own checksums), the configurations, the leases and the group's own ``zarr.json`` (``extra["files"]``,
+:data:`FILES_KEY`), and the group's attributes hold the sha256 of the manifest itself (:data:`CHECKSUM_ATTR`,
+:func:`manifest_digest`): a changed byte in any index, flag or metadata file, or in the manifest, is a fault.
+
 (The Parquet files sit outside the zarr hierarchy; readers open zarr members by name and never list them.)
 
 A sample's record is its sections, each starting at a multiple of ``SECTION_ALIGN`` bytes (:meth:`Manifest.sections`):
@@ -53,6 +58,8 @@ from tigbev.geometry.bev import BevGrid
 __all__ = [
     "BOX_COLUMNS",
     "CACHE_ATTR",
+    "CHECKSUM_ATTR",
+    "FILES_KEY",
     "CONFIG_DIR",
     "DEPTH_COLUMNS",
     "FORMAT_VERSION",
@@ -71,6 +78,8 @@ __all__ = [
     "Section",
     "TeacherFingerprint",
     "VariantSpec",
+    "checked_file",
+    "manifest_digest",
     "record_size",
     "shard_index_path",
     "shard_path",
@@ -81,6 +90,11 @@ FORMAT_VERSION: Final[int] = 3
 """3: one record per sample (one ranged read), keypoints derived from the boxes, per-channel-scaled features,
 teacher-map variants. Versions and what changed: docs/CACHE.md."""
 CACHE_ATTR: Final[str] = "tigbev_cache"
+CHECKSUM_ATTR: Final[str] = "tigbev_cache_sha256"
+"""The group attribute beside the manifest that holds :func:`manifest_digest` of it (complete caches)."""
+FILES_KEY: Final[str] = "files"
+"""``manifest.extra[FILES_KEY]``: ``{path relative to the cache: [bytes, sha256]}`` of a complete cache's index,
+flag and metadata files (see the module's docstring)."""
 BOX_COLUMNS: Final[tuple[str, ...]] = ("x_m", "y_m", "z_m", "l_m", "w_m", "h_m", "yaw_rad", "vx_mps", "vy_mps",
                                         "label")
 DEPTH_COLUMNS: Final[tuple[str, ...]] = ("u_px", "v_px", "depth_m", "box_index", "camera_index")
@@ -481,3 +495,15 @@ class Manifest:
             errors.append(f"teacher checkpoint sha256: cache has {self.teacher.checkpoint_sha256[:12]}..., expected "
                           f"{teacher_sha256[:12]}...")
         return errors
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no spaces): what :data:`CHECKSUM_ATTR` holds."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def checked_file(path: str) -> bool:
+    """Whether a file of a complete cache (``path`` relative to it) is one that ``extra["files"]`` lists."""
+    top = path.split("/", 1)[0]
+    return not (path == "zarr.json" or top in (CONFIG_DIR, LEASE_DIR) or "/.tmp" in f"/{path}" or ".tmp-" in path
+                or (top == "shards" and f"/{RECORDS_ARRAY}/c/" in path))

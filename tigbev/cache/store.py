@@ -7,6 +7,7 @@ checksum errors turned into errors that name the sample and the array.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -22,22 +23,26 @@ from tigbev.cache.lease import LeaseConflict, WriterLease
 from tigbev.cache.record import CachedSample, SampleRecord, dense_map, pack_record, unpack_record
 from tigbev.cache.schema import (
     CACHE_ATTR,
+    CHECKSUM_ATTR,
+    FILES_KEY,
     INDEX_COLUMNS,
     RECORDS_ARRAY,
     CacheFormatError,
     DatasetFingerprint,
     FeatureStorage,
     Manifest,
+    checked_file,
+    manifest_digest,
     shard_index_path,
     shard_path,
     tokens_sha256,
 )
 from tigbev.cache.shard_file import RecordsFile, ShardFileError
-from tigbev.errors import TigbevError
+from tigbev.errors import TigbevError, first_sentence
 
 __all__ = ["RECORDS_CHUNK_BYTES", "CacheError", "CacheReader", "CacheWriter", "CachedSample", "SampleFault",
-           "SampleRecord", "codecs_description", "fs_and_path", "read_parquet_rows", "records_compressor",
-           "records_key", "remote_errors", "tokens_sha256"]
+           "SampleRecord", "StoreUnreachable", "check_manifest_digest", "codecs_description", "file_digests",
+           "fs_and_path", "read_parquet_rows", "records_compressor", "records_key", "remote_errors", "tokens_sha256"]
 
 RECORDS_CHUNK_BYTES = 64 * 1024
 """Inner chunk size of the records arrays: a read fetches the chunks its record overlaps, at most one extra
@@ -46,6 +51,10 @@ chunk's worth of bytes at each end."""
 
 class CacheError(TigbevError):
     """A cache that is missing, incomplete, corrupt, or does not match what is asked of it."""
+
+
+class StoreUnreachable(CacheError):
+    """A remote store that cannot be reached (a down endpoint, a refused connection): not a fault of the cache."""
 
 
 class SampleFault(CacheError):
@@ -137,7 +146,7 @@ def _connection_cause(exc: BaseException) -> BaseException | None:
 
 @contextlib.contextmanager
 def remote_errors(url: str) -> Iterator[None]:
-    """Turns a failure to reach a remote store into ``CacheError("cannot reach <url>: <cause>")``."""
+    """Turns a failure to reach a remote store into ``StoreUnreachable("cannot reach <url>: <cause>")``."""
     try:
         yield
     except CacheError:
@@ -146,7 +155,7 @@ def remote_errors(url: str) -> Iterator[None]:
         cause = _connection_cause(exc) if _is_remote(url) else None
         if cause is None:
             raise
-        raise CacheError(f"cannot reach {url}: {type(cause).__name__}: {cause}") from exc
+        raise StoreUnreachable(f"cannot reach {url}: {type(cause).__name__}: {cause}") from exc
 
 
 def _write_parquet(url: str, rows: list[dict[str, Any]]) -> None:
@@ -180,7 +189,10 @@ def write_json_file(url: str, relpath: str, payload: dict[str, Any]) -> None:
         fs.mv(tmp, path)
 
 
-def read_parquet_rows(url: str) -> dict[str, list[Any]]:
+def read_parquet_rows(url: str, *, sha256: str | None = None) -> dict[str, list[Any]]:
+    """The rows of an index table, as columns; a CacheError naming the file when it is missing, unreadable, or
+    (given ``sha256``, as a complete cache's manifest lists it) not the file that was written."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with remote_errors(url):
@@ -188,7 +200,43 @@ def read_parquet_rows(url: str) -> dict[str, list[Any]]:
         if not fs.exists(path):
             raise CacheError(f"cache index {url} is missing")
         with fs.open(path, "rb") as f:
-            return pq.read_table(f).to_pydict()
+            data = f.read()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CacheError(f"cache index {url} is damaged: its sha256 differs from the one the manifest lists "
+                         "(`tigbev cache verify` lists every fault)")
+    try:
+        return pq.read_table(pa.BufferReader(data)).to_pydict()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CacheError(f"cache index {url} is damaged ({type(exc).__name__}: {first_sentence(str(exc))}; "
+                         "`tigbev cache verify` lists every fault)") from None
+
+
+def file_digests(url: str) -> dict[str, list[Any]]:
+    """``{path: [bytes, sha256]}`` of the files of a cache that a complete manifest lists (schema.checked_file)."""
+    with remote_errors(url):
+        fs, root = fs_and_path(url)
+        root = root.rstrip("/")
+        out: dict[str, list[Any]] = {}
+        for full in sorted(fs.find(root)):
+            rel = str(full)[len(root) + 1:]
+            if checked_file(rel):
+                data = fs.cat_file(full)
+                out[rel] = [len(data), hashlib.sha256(data).hexdigest()]
+    return out
+
+
+def check_manifest_digest(url: str, manifest: Any, digest: Any) -> None:
+    """A CacheError when the manifest is not the one written: its digest differs, or one of the digest and the
+    file list is there without the other (every complete cache has both; an incomplete one neither)."""
+    if not isinstance(manifest, dict):
+        return  # no manifest at all: Manifest.parse says so
+    extra = manifest.get("extra")
+    listed = isinstance(extra, dict) and FILES_KEY in extra
+    if digest is None and not listed:
+        return
+    if digest is None or not listed or digest != manifest_digest(manifest):
+        raise CacheError(f"cache {url}: the manifest in zarr.json is damaged (its sha256 differs from the one "
+                         "stored beside it); re-extract the cache, or restore zarr.json from a copy")
 
 
 def records_key(shard: int) -> str:
@@ -316,8 +364,9 @@ class CacheWriter:
         _write_parquet(f"{self.url}/index.parquet", rows)
         manifest = self.manifest.to_dict()
         manifest["complete"] = True
+        manifest["extra"] = {**manifest.get("extra", {}), FILES_KEY: file_digests(self.url)}
         with remote_errors(self.url):
-            self.group.attrs[CACHE_ATTR] = manifest
+            self.group.attrs.update({CACHE_ATTR: manifest, CHECKSUM_ATTR: manifest_digest(manifest)})
         self.manifest = Manifest.parse(manifest)
         return True
 
@@ -393,7 +442,10 @@ class CacheReader:
     def manifest(self) -> Manifest:
         try:
             with remote_errors(self.url):
-                m = Manifest.parse(self.group.attrs.get(CACHE_ATTR))
+                attrs = dict(self.group.attrs)
+            raw = attrs.get(CACHE_ATTR)
+            m = Manifest.parse(raw)  # first: a cache of another format version is named as such
+            check_manifest_digest(self.url, raw, attrs.get(CHECKSUM_ATTR))
         except CacheFormatError as exc:
             raise CacheError(f"{self.url}: {exc}") from exc
         if self.require_complete and not m.complete:
@@ -403,7 +455,8 @@ class CacheReader:
 
     @cached_property
     def index(self) -> dict[str, list[Any]]:
-        return read_parquet_rows(f"{self.url}/index.parquet")
+        listed = self.manifest.extra.get(FILES_KEY, {}).get("index.parquet")
+        return read_parquet_rows(f"{self.url}/index.parquet", sha256=listed[1] if listed else None)
 
     @cached_property
     def _token_to_idx(self) -> dict[str, int]:

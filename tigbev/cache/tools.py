@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tigbev.cache.schema import RECORDS_ARRAY, shard_index_path, tokens_sha256
+from tigbev.cache.schema import CACHE_ATTR, CHECKSUM_ATTR, FILES_KEY, INDEX_COLUMNS, RECORDS_ARRAY, shard_index_path, tokens_sha256
 from tigbev.cache.shard_file import ShardFileError
 from tigbev.cache.store import (
     CacheError,
     CacheReader,
     SampleFault,
+    StoreUnreachable,
     fs_and_path,
     read_parquet_rows,
     records_key,
     remote_errors,
 )
+from tigbev.errors import first_sentence
 
-__all__ = ["Fault", "cache_info", "dump_sample", "file_faults", "keypoint_features", "refuse_damaged",
-           "verify_cache"]
+__all__ = ["Fault", "cache_info", "dump_sample", "file_faults", "keypoint_features", "listed_file_faults",
+           "refuse_damaged", "verify_cache"]
 
 NOT_VERIFIED = "the inner chunks' crc32c (`tigbev cache verify` reads and checks every record)"
 """What :func:`file_faults` leaves unchecked, as ``cache info`` says it."""
@@ -66,6 +70,20 @@ def file_faults(reader: CacheReader) -> Iterator[Fault]:
     consolidated index. A few small reads per shard and no record: the inner chunks' own checksums are not verified
     (:data:`NOT_VERIFIED`)."""
     m = reader.manifest
+    found: list[Fault] = []
+    yield from _kept(found, _specific_file_faults(reader, m))
+    yield from _kept(found, listed_file_faults(reader, already=found))
+
+
+def _kept(found: list[Fault], faults: Iterator[Fault]) -> Iterator[Fault]:
+    """``faults``, each also appended to ``found``."""
+    for fault in faults:
+        found.append(fault)
+        yield fault
+
+
+def _specific_file_faults(reader: CacheReader, m: Any) -> Iterator[Fault]:
+    """:func:`file_faults` less the listed files' digests: what each missing or damaged file means."""
     with remote_errors(reader.url):
         fs, root = fs_and_path(reader.url)
         root = root.rstrip("/")
@@ -117,6 +135,47 @@ def file_faults(reader: CacheReader) -> Iterator[Fault]:
             records.close()
 
 
+def listed_file_faults(reader: CacheReader, already: Sequence[Fault] = ()) -> Iterator[Fault]:
+    """The files a complete cache's manifest lists (``extra["files"]``: indexes, flags, metadata) that are missing,
+    of another size, or of another sha256 than written. Small files, each read once; a file that one of the
+    faults ``already`` found names is not reported twice."""
+    listed = reader.manifest.extra.get(FILES_KEY, {})
+    named = " ".join(str(f) for f in already)
+    with remote_errors(reader.url):
+        fs, root = fs_and_path(reader.url)
+        if listed:  # the group's own metadata: the manifest's digest covers its attributes, this the rest
+            try:
+                group = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json"))
+            except (FileNotFoundError, ValueError):
+                group = None
+            if not isinstance(group, dict) or set(group) != {"attributes", "zarr_format", "node_type"} or \
+                    group["zarr_format"] != 3 or group["node_type"] != "group" or \
+                    set(group["attributes"]) != {CACHE_ATTR, CHECKSUM_ATTR}:
+                yield Fault(-1, "", "manifest", "zarr.json is damaged: its fields are not those of a cache's group")
+        for rel, (size, sha) in sorted(listed.items()):
+            if re.search(re.escape(rel) + r"(?!\w)", named):
+                continue
+            path = f"{root.rstrip('/')}/{rel}"
+            try:
+                data = fs.cat_file(path)
+            except FileNotFoundError:
+                yield Fault(-1, "", _array_of(rel), f"{rel} is missing")
+                continue
+            if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+                yield Fault(-1, "", _array_of(rel), f"{rel} is damaged: {len(data)} bytes (written: {size}), its "
+                                                    "sha256 differs from the one the manifest lists")
+
+
+def _array_of(rel: str) -> str:
+    """The array or table a listed file belongs to, as faults name it."""
+    parts = rel.split("/")
+    if parts[0] == "index" or rel == "index.parquet":
+        return "index"
+    if parts[0] == "shards" and RECORDS_ARRAY in parts:
+        return RECORDS_ARRAY
+    return parts[0] if len(parts) > 1 else "manifest"
+
+
 def _names(fs: Any, path: str) -> set[str]:
     """The names in folder ``path`` (none when it does not exist)."""
     try:
@@ -150,9 +209,13 @@ def cache_info(url: str) -> dict[str, Any]:
     for shard in done_shards:
         if shard in lost_indexes:
             continue
-        rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
-        for j in range(len(rows["sample_idx"])):
-            for sec in m.sections(rows["num_boxes"][j], rows["num_depth"][j], rows["num_cells"][j]):
+        try:
+            rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
+            counts = list(zip(rows["num_boxes"], rows["num_depth"], rows["num_cells"]))
+        except (CacheError, KeyError):  # a damaged shard index: its fault is listed, its bytes not counted
+            continue
+        for num_boxes, num_depth, num_cells in counts:
+            for sec in m.sections(num_boxes, num_depth, num_cells):
                 section_bytes[sec.spec.name] = section_bytes.get(sec.spec.name, 0) + sec.nbytes
             n_rows += 1
     n = max(n_rows, 1)
@@ -184,11 +247,15 @@ def live_writers(url: str) -> list[str]:
     """The extractions writing this cache now (their live leases), described; nothing is changed."""
     import time
 
-    from tigbev.cache.lease import WriterLease
+    from tigbev.cache.lease import LeaseUnreadable, WriterLease
 
     fs, root = fs_and_path(url)
     now = time.time()
-    return [lease.describe(now) for lease in WriterLease(fs, root, url, []).others(remove_stale=False)]
+    try:
+        leases = WriterLease(fs, root, url, []).others(remove_stale=False)
+    except LeaseUnreadable as exc:  # shown, not fatal: info describes the cache whatever its leases hold
+        return [str(exc)]
+    return [lease.describe(now) for lease in leases]
 
 
 def verify_cache(url: str) -> list[Fault]:
@@ -202,6 +269,8 @@ def verify_cache(url: str) -> list[Fault]:
         m = reader.manifest
         done_arr = reader.group["done"]
         done = np.asarray(done_arr[:]).astype(bool)
+    except StoreUnreachable:  # nothing of the cache was read: not a fault of it
+        raise
     except CacheError as exc:
         return [Fault(-1, "", "manifest", str(exc))]
     except Exception as exc:  # noqa: BLE001 - a lost or damaged flags array is a fault to report
@@ -222,10 +291,14 @@ def verify_cache(url: str) -> list[Fault]:
         if not done[r.start:r.stop].all():
             faults += [Fault(i, "", "done", "sample not written") for i in r if not done[i]]
             continue
+        listed = m.extra.get(FILES_KEY, {}).get(shard_index_path(shard))
         try:
-            rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}")
+            rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}", sha256=listed[1] if listed else None)
         except Exception as exc:  # noqa: BLE001 - reported as a fault
             faults += [Fault(i, "", "index", f"shard index unreadable: {_short(exc)}") for i in r]
+            continue
+        if set(rows) != set(INDEX_COLUMNS):
+            faults += [Fault(i, "", "index", f"shard index has columns {sorted(rows)}, not the format's") for i in r]
             continue
         if rows["sample_idx"] != list(r):
             faults += [Fault(i, "", "index", "shard index lists other samples") for i in r]
@@ -251,6 +324,7 @@ def verify_cache(url: str) -> list[Fault]:
                 faults.append(Fault(-1, "", "index", "sample tokens differ from the manifest's fingerprint"))
         except Exception as exc:  # noqa: BLE001 - reported as a fault
             faults.append(Fault(-1, "", "index", f"unreadable: {_short(exc)}"))
+    faults += list(listed_file_faults(reader, already=list(faults)))
     return faults
 
 
@@ -269,8 +343,7 @@ def _record_faults(reader: CacheReader, row: dict[str, Any]) -> list[Fault]:
 
 
 def _short(exc: Exception) -> str:
-    text = str(exc)
-    return text if len(text) < 160 else text[:157] + "..."
+    return first_sentence(str(exc))
 
 
 def keypoint_features(reader: CacheReader, sample) -> tuple[np.ndarray, np.ndarray]:

@@ -67,7 +67,8 @@ _FINGERPRINT_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 def read_pcd_bin(path: str | os.PathLike[str]) -> NDArray[np.float32]:
-    """Raw nuScenes LiDAR file -> (N, 5) float32 (x, y, z, intensity, ring), with errors that name the file."""
+    """Raw nuScenes LiDAR file -> (N, 5) float32 (x, y, z, intensity, ring), with errors that name the file: a
+    missing or truncated file, and one holding NaN or infinite values (refused where they enter, with their count)."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"LiDAR file is missing: {p}")
@@ -78,7 +79,18 @@ def read_pcd_bin(path: str | os.PathLike[str]) -> NDArray[np.float32]:
             f"LiDAR file {p} is truncated or not a nuScenes .pcd.bin: {len(raw)} bytes is not a multiple of "
             f"{row_bytes} (5 float32 per point)"
         )
-    return np.frombuffer(raw, dtype=np.float32).reshape(-1, _PCD_COLUMNS)
+    points = np.frombuffer(raw, dtype=np.float32).reshape(-1, _PCD_COLUMNS)
+    finite = np.isfinite(points)
+    if not finite.all():
+        bad_rows, n_bad = int((~finite).any(axis=1).sum()), int((~finite).sum())
+        columns = ", ".join(name for name, ok in zip(("x", "y", "z", "intensity", "ring"), finite.all(axis=0))
+                            if not ok)
+        raise DatasetError(
+            f"LiDAR file {p} holds {n_bad} non-finite value{'s' if n_bad > 1 else ''} (NaN or infinity, in {columns}) in "
+            f"{bad_rows} of {len(points)} points; tigbev reads no sample from it, so nothing of that sample reaches a "
+            "teacher, a cache or a student: repair or replace the file and rerun"
+        )
+    return points
 
 
 def find_version(dataroot: Path) -> str:

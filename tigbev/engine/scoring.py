@@ -1,10 +1,23 @@
 """Scoring with the official nuScenes metrics, shared by every stage that evaluates (train-teacher,
 train-student, evaluate): predictions of a teacher or a student, the devkit result file, DetectionEval, the metrics
-files and top-view pictures. A library module: stages import it, it imports no stage."""
+files and top-view pictures. A library module: stages import it, it imports no stage.
+
+``metrics.json`` records where its numbers come from under ``provenance`` (:func:`evaluation_provenance`): the
+checkpoint (absolute path, sha256 of the file, training step, format) or the ground truth, the dataroot and split,
+the dataset's content fingerprint (:meth:`NuScenesReader.fingerprint`, the one the teacher cache records), and the
+tigbev version, git commit, command line, host and time (:func:`tigbev.utils.provenance.provenance`).
+
+Top-view pictures are named ``bev_<safe name of the sample token>.png`` (:func:`tigbev.utils.names.safe_name`):
+a token is data and never becomes a path by itself. A picture is an extra: one that cannot be drawn or written is
+reported on stderr as a one-line warning naming the sample, and the scoring goes on.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +35,12 @@ from tigbev.data.results import (
 from tigbev.errors import TigbevError
 from tigbev.geometry import NUSCENES_POINT_RANGE_M
 from tigbev.models.student.checkpoint import load_student_checkpoint
-from tigbev.utils.provenance import write_json_atomic
+from tigbev.utils.names import safe_name, shown
+from tigbev.utils.provenance import file_sha256, provenance, write_json_atomic
 
-__all__ = ["Predictions", "evaluation_output", "finish_scoring", "load_student", "metrics_markdown", "plot_bev",
-           "predict_student", "predict_teacher", "score"]
+__all__ = ["Predictions", "bev_picture_name", "checkpoint_identity", "evaluation_output", "evaluation_provenance",
+           "finish_scoring", "load_student", "metrics_markdown", "plot_bev", "predict_student", "predict_teacher",
+           "score"]
 
 # token -> (boxes (N, 9) in the key lidar frame, scores (N,), labels (N,))
 Predictions = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -73,14 +88,37 @@ def predict_student(student, reader: NuScenesReader, tokens: Sequence[str], devi
     return preds
 
 
+def checkpoint_identity(path: Path, *, step: int | None, fmt: str | None, sha256: str | None = None
+                        ) -> dict[str, Any]:
+    """What identifies a checkpoint in ``metrics.json``: its absolute path, the sha256 of the file (``sha256`` when
+    the caller has already hashed it), the training step it was saved at (None when it records none) and its
+    format."""
+    return {"path": str(Path(path).resolve()), "sha256": sha256 or file_sha256(path), "step": step, "format": fmt}
+
+
+def evaluation_provenance(reader: NuScenesReader, split: str, *, checkpoint: Mapping[str, Any] | None
+                          ) -> dict[str, Any]:
+    """The ``provenance`` block of ``metrics.json``: :func:`~tigbev.utils.provenance.provenance` (versions, git
+    commit, command, time, host) with the inputs ``predictions`` ('checkpoint', or 'ground truth' for a scoring of
+    the ground truth itself), ``checkpoint`` (:func:`checkpoint_identity`, or None), ``dataroot``, ``split``,
+    ``dataset`` (the content fingerprint of the split's samples, :meth:`NuScenesReader.fingerprint`, as the teacher
+    cache records it) and ``num_sweeps`` (the LiDAR sweeps per sample that fingerprint covers: the reader's)."""
+    fingerprint = reader.fingerprint(split, reader.sample_tokens(split), num_sweeps=reader.num_sweeps)
+    return provenance(predictions="checkpoint" if checkpoint is not None else "ground truth",
+                      checkpoint=None if checkpoint is None else dict(checkpoint), dataroot=str(reader.dataroot),
+                      split=split, dataset=dataclasses.asdict(fingerprint), num_sweeps=reader.num_sweeps)
+
+
 def score(reader: NuScenesReader, split: str, preds: Predictions, out_dir: Path, *, use_camera: bool,
-          use_lidar: bool, plots: bool = True, bev_samples: int = 0) -> dict[str, Any]:
-    """Predictions -> result JSON -> DetectionEval -> metrics.json, metrics.md, plots and BEV pictures."""
+          use_lidar: bool, origin: Mapping[str, Any], plots: bool = True, bev_samples: int = 0) -> dict[str, Any]:
+    """Predictions -> result JSON -> DetectionEval -> metrics.json (with ``origin``, see
+    :func:`evaluation_provenance`), metrics.md, plots and BEV pictures."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for token in reader.sample_tokens(split):
         if token not in preds:
-            raise TigbevError(f"no predictions for sample {token} of split {split!r}: the devkit needs every sample")
+            raise TigbevError(f"no predictions for sample {shown(token)} of split {split!r}: the devkit needs "
+                              "every sample")
         boxes, scores, labels = preds[token]
         lidar_token = reader.nusc.get("sample", token)["data"][LIDAR_CHANNEL]
         attrs = [attribute_from_velocity(DETECTION_CLASSES[int(lb)], float(np.hypot(*b[7:9])))
@@ -88,18 +126,47 @@ def score(reader: NuScenesReader, split: str, preds: Predictions, out_dir: Path,
         results[token] = detection_records(token, boxes, labels, scores, reader.global_from_sensor(lidar_token),
                                            attrs)
     path = write_results(out_dir / "results_nusc.json", results, use_camera=use_camera, use_lidar=use_lidar)
-    return finish_scoring(reader, split, path, out_dir, plots=plots, bev_samples=bev_samples, preds=preds)
+    return finish_scoring(reader, split, path, out_dir, plots=plots, bev_samples=bev_samples, preds=preds,
+                          origin=origin)
 
 
 def finish_scoring(reader: NuScenesReader, split: str, results_path: Path, out_dir: Path, *, plots: bool,
-            bev_samples: int, preds: Predictions) -> dict[str, Any]:
+                   bev_samples: int, preds: Predictions, origin: Mapping[str, Any]) -> dict[str, Any]:
+    """DetectionEval of a written result file -> ``metrics.json`` (the summary, ``provenance``: ``origin``, and the
+    devkit's full output), ``metrics.md``, then the top-view pictures of the first ``bev_samples`` samples, which
+    replace those of an earlier evaluation in ``out_dir``. A picture that fails is a warning, never an error: the
+    metrics are written by then."""
     devkit = evaluate_detection(reader.nusc, results_path, split, out_dir / "devkit", plots=plots)
     summary = summarize_metrics(devkit)
-    write_json_atomic(out_dir / "metrics.json", {"split": split, **summary, "devkit": devkit})
+    write_json_atomic(out_dir / "metrics.json", {"split": split, **summary, "provenance": dict(origin),
+                                                 "devkit": devkit})
     (out_dir / "metrics.md").write_text(metrics_markdown(summary, split))
+    for old in out_dir.glob("bev_*.png"):
+        with contextlib.suppress(OSError):
+            old.unlink()
     for token in reader.sample_tokens(split)[:bev_samples]:
-        plot_bev(reader, token, preds.get(token), out_dir / f"bev_{token[:8]}.png")
+        _picture_or_warning(reader, token, preds.get(token), out_dir / bev_picture_name(token))
     return summary
+
+
+def bev_picture_name(token: str) -> str:
+    """The file name of a sample's top-view picture: ``bev_<safe_name(token)>.png``, one path component whatever
+    the token holds."""
+    return f"bev_{safe_name(token)}.png"
+
+
+def _picture_or_warning(reader: NuScenesReader, token: str, pred: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                        path: Path) -> Path | None:
+    """:func:`plot_bev`, or a one-line warning on stderr naming the sample (and no half-written file) when the
+    picture cannot be drawn or written."""
+    try:
+        return plot_bev(reader, token, pred, path)
+    except Exception as exc:  # noqa: BLE001 - a picture never fails an evaluation whose metrics are written
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        sys.stderr.write(f"warning: no top-view picture of sample {shown(token)} ({reason}); skipped\n")
+        return None
 
 
 def metrics_markdown(summary: dict[str, Any], split: str) -> str:
@@ -119,10 +186,21 @@ def plot_bev(reader: NuScenesReader, token: str, pred: tuple[np.ndarray, np.ndar
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tigbev.geometry import box_corners
-
     frame = reader.load_sample(token)
     fig, ax = plt.subplots(figsize=(7, 7), dpi=100)
+    try:
+        _draw_bev(ax, frame, pred, score_threshold, title=safe_name(token))
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _draw_bev(ax: Any, frame: Any, pred: tuple[np.ndarray, np.ndarray, np.ndarray] | None, score_threshold: float,
+              *, title: str) -> None:
+    from tigbev.geometry import box_corners
+
     pts = frame.lidar.key_points
     ax.scatter(pts[:, 0], pts[:, 1], s=0.2, c="0.6", linewidths=0)
     gt = frame.gt.boxes[frame.gt.labels >= 0]
@@ -137,16 +215,12 @@ def plot_bev(reader: NuScenesReader, token: str, pred: tuple[np.ndarray, np.ndar
     ax.set_aspect("equal")
     ax.set_xlabel("x (m, lidar frame)")
     ax.set_ylabel("y (m)")
-    ax.set_title(f"{token[:8]}: ground truth (green), predictions >= {score_threshold} (red)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    ax.set_title(f"{title}: ground truth (green), predictions >= {score_threshold} (red)")
 
 
 def evaluation_output(name: str) -> bool:
     """Whether a file or folder name is one that an evaluation writes (what a rerun may replace)."""
-    return name in ("results_nusc.json", "devkit", "metrics.json", "metrics.md") or (
+    return name in ("results_nusc.json", "results_nusc.json.tmp", "devkit", "metrics.json", "metrics.md") or (
         name.startswith("bev_") and name.endswith(".png")) or name.startswith(".metrics.json.tmp")
 
 

@@ -8,6 +8,7 @@ A rerun with the same directory reuses every stage whose output is already compl
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -344,10 +345,11 @@ def summary_reading(summary: dict[str, Any], out: Path) -> str:
     d_map, d_nds = 100 * (tig["mAP"] - base["mAP"]), 100 * (tig["NDS"] - base["NDS"])
     verb = "helped" if d_map > 0 and d_nds > 0 else "changed"
     data, cache, student = out / "synth", out / "cache-train", out / "student-tig"
+    ratio = tig["step_s"] / base["step_s"] if base["step_s"] > 0 else float("nan")
+    cost = f", at {ratio:.2f}x its training step" if math.isfinite(ratio) else ""  # unknown for a resumed student
     return "\n".join([
         f"Distillation from the cache {verb} the same student by {d_map:+.1f} mAP and {d_nds:+.1f} NDS points "
-        f"(one seed; docs/STUDY.md has the paired comparisons over seeds), at {tig['step_s'] / base['step_s']:.2f}x "
-        "its training step.",
+        f"(one seed; docs/STUDY.md has the paired comparisons over seeds){cost}.",
         f"Pictures: {student / 'eval'} (BEV detections, per-class curves), {student / 'loss_curve.png'}; "
         f"the teacher cache: {cache} (`tigbev cache info {cache}`).",
         "Next:",

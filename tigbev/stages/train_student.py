@@ -7,7 +7,8 @@ published way, kept as the baseline the benchmarks compare against. Under ``torc
 CPU, nccl on CUDA) and a distributed sampler.
 
 Run directory: ``config.json``, ``last.pt`` (student weights + config + the cache's fingerprint + provenance +
-optimiser state), ``metrics.jsonl``, ``loss_curve.png``, and with a val split ``eval/metrics.json``.
+optimiser state), ``metrics.jsonl``, ``loss_curve.png``, and with a val split ``eval/metrics.json`` (with the
+provenance of ``last.pt``: path, sha256, step).
 """
 
 from __future__ import annotations
@@ -435,12 +436,14 @@ def run(cfg: TrainStudentConfig, *, progress: bool = True) -> TrainStudentResult
     log.plot(out / "loss_curve.png", f"camera student ({cfg.preset})")
     if rank == 0:
         if cfg.val_split is not None:
-            from tigbev.engine.scoring import predict_student, score
+            from tigbev.engine.scoring import checkpoint_identity, evaluation_provenance, predict_student, score
 
             preds = predict_student(model.student, reader, reader.sample_tokens(cfg.val_split), device,
                                     cfg.batch_size, progress)
+            origin = evaluation_provenance(reader, cfg.val_split, checkpoint=checkpoint_identity(
+                ckpt_path, step=step, fmt=CHECKPOINT_FORMAT))
             metrics = score(reader, cfg.val_split, preds, out / "eval", use_camera=True, use_lidar=False, plots=False,
-                            bev_samples=1 if cfg.tensorboard else 0)
+                            bev_samples=1 if cfg.tensorboard else 0, origin=origin)
             log.evaluation(step, metrics, sorted((out / "eval").glob("bev_*.png")))
     # The first steps pay for allocation and worker start-up: the mean step time skips them when it can.
     timed = step_times[2:] if len(step_times) > 4 else step_times

@@ -2,7 +2,7 @@
 
 Run directory: ``config.json`` (resolved), ``last.pt`` (weights + config + provenance + optimiser state),
 ``metrics.jsonl`` (one line per logged step and per epoch), ``loss_curve.png``, and with a val split ``eval/``
-(result JSON, devkit output, ``metrics.json``).
+(result JSON, devkit output, ``metrics.json`` with the provenance of ``last.pt``: path, sha256, step).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tigbev.engine.loop import (
     save_training_state,
     start_run_dir,
 )
-from tigbev.engine.scoring import predict_teacher, score
+from tigbev.engine.scoring import checkpoint_identity, evaluation_provenance, predict_teacher, score
 from tigbev.models.teacher.centerpoint import CenterPoint, teacher_preset
 from tigbev.models.teacher.checkpoint import CHECKPOINT_FORMAT as TEACHER_FORMAT
 from tigbev.models.teacher.checkpoint import load_checkpoint
@@ -107,8 +107,10 @@ def run(cfg: TrainTeacherConfig, *, progress: bool = True) -> TrainTeacherResult
         eval_reader = NuScenesReader(cfg.dataroot, **model_cfg.reader_options())
         preds = predict_teacher(model, eval_reader, eval_reader.sample_tokens(cfg.val_split), device,
                                 cfg.batch_size, progress)
+        origin = evaluation_provenance(eval_reader, cfg.val_split, checkpoint=checkpoint_identity(
+            ckpt_path, step=step, fmt=TEACHER_FORMAT))
         metrics = score(eval_reader, cfg.val_split, preds, out / "eval", use_camera=False, use_lidar=True,
-                        plots=False, bev_samples=1 if cfg.tensorboard else 0)
+                        plots=False, bev_samples=1 if cfg.tensorboard else 0, origin=origin)
         log.evaluation(step, metrics, sorted((out / "eval").glob("bev_*.png")))
     return TrainTeacherResult(checkpoint=ckpt_path, steps=step, seconds=time.perf_counter() - start,
                               final_loss=last.losses["total"] if last else float("nan"), metrics=metrics)

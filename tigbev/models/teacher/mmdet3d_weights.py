@@ -120,7 +120,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tigbev.checkpoint_file import CheckpointError, load_weights_only, unpickler_reason
+from tigbev.checkpoint_file import CheckpointError, load_weights_only, refused_global, unpickler_reason
 from tigbev.models.teacher.centerpoint import CenterPoint, TeacherConfig, teacher_preset
 
 __all__ = [
@@ -422,9 +422,6 @@ class _InertStandIn:
         return "<object dropped by the restricted checkpoint reader>"
 
 
-_REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
-
-
 def _load_weights_only(path: Path, stand_ins: Sequence[str]) -> Any:
     entries = [(_InertStandIn, name) for name in stand_ins]
     with torch.serialization.safe_globals(entries):
@@ -432,12 +429,12 @@ def _load_weights_only(path: Path, stand_ins: Sequence[str]) -> Any:
 
 
 def _refused_global(exc: Exception) -> str | None:
-    """The global named by a weights-only "Unsupported global" refusal, with its module (torch drops
-    ``builtins.``); None for any other unpickling error."""
-    m = _REFUSED_GLOBAL_RE.search(str(exc))
-    if m is None:
+    """The global named by a weights-only refusal, with its module (torch drops ``builtins.``); None for any other
+    unpickling error."""
+    name = refused_global(exc)
+    if name is None:
         return None
-    return m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"
+    return name if "." in name else f"builtins.{name}"
 
 
 def read_mmdet3d_checkpoint(path: str | os.PathLike[str]) -> Any:
