@@ -4,6 +4,7 @@ the same run, with a log that repeats no step and no temporary file left behind.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -239,5 +240,70 @@ def test_disk_full_during_extraction_is_one_line_and_resumable(demo_teacher_ckpt
         from tigbev.cache.tools import verify_cache
 
         assert verify_cache(str(out)) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+class _Shell:  # a pickle whose loading would run a shell command: a global of a module torch blocks outright
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_a_refused_pickle_names_the_global_it_refused(tmp_path: Path, synth_root: Path) -> None:
+    """Against the installed torch's own wording (it differs between a blocked module and an unknown class)."""
+    from tigbev.checkpoint_file import CheckpointError, load_weights_only
+
+    shell, gadget = tmp_path / "shell.pt", tmp_path / "gadget.pt"
+    torch.save({"format": "tigbev-student/1", "x": _Shell()}, shell)
+    torch.save({"format": "tigbev-student/1", "x": Gadget()}, gadget)
+    for path, name in ((shell, f"{_Shell.__reduce__(_Shell())[0].__module__}.system"),
+                       (gadget, f"{__name__}.Gadget")):
+        with pytest.raises(pickle.UnpicklingError) as raw:
+            torch.load(path, weights_only=True)
+        assert name in str(raw.value)  # what this torch says, so the test follows its wording
+        with pytest.raises(CheckpointError) as exc:
+            load_weights_only(path)
+        text = str(exc.value)
+        assert f"(the global {name})" in text and "holds objects other than tensors" in text, text
+        assert "weights_only" not in text and "\n" not in text
+        line = _one_line_error(CliRunner().invoke(app, ["evaluate", str(path), "--dataroot", str(synth_root),
+                                                        "--split", "synth_val", "--out", str(tmp_path / "e")]),
+                               str(path), f"the global {name}")
+        assert line.endswith("not one to trust")
+
+
+def test_a_truncated_checkpoint_is_named_in_whole_sentences(tmp_path: Path) -> None:
+    from tigbev.checkpoint_file import CheckpointError, load_weights_only
+
+    path = tmp_path / "cut.pt"
+    torch.save({"w": torch.zeros(10_000)}, path)
+    path.write_bytes(path.read_bytes()[:20_000])
+    with pytest.raises(CheckpointError) as exc:
+        load_weights_only(path)
+    text = str(exc.value)
+    assert text.startswith(f"checkpoint {path} is not a torch checkpoint or is damaged (") and text.endswith(")")
+    assert "checkpoint was not saved properly" not in text  # torch's advice is dropped, its first sentence kept whole
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_file_and_the_errno(tmp_path: Path) -> None:
+    from tigbev.checkpoint_file import CheckpointError, save_atomic
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        path = disk / "last.pt"
+        save_atomic(path, {"w": torch.zeros(1000)})
+        before = path.read_bytes()
+        with pytest.raises(CheckpointError) as exc:
+            save_atomic(path, {"w": torch.zeros(1_000_000)})  # 4 MB on a 256 KiB disk
+        text = str(exc.value)
+        assert f"cannot write checkpoint {path}: No space left on device (errno 28)" in text, text
+        assert text.endswith(f"{path} is left as it was")
+        assert path.read_bytes() == before and sorted(p.name for p in disk.iterdir()) == ["last.pt"]
     finally:
         subprocess.run(["umount", str(disk)], check=False)

@@ -80,7 +80,11 @@ def load_weights_only(path: str | os.PathLike[str], *, what: str = "checkpoint",
     except EOFError:
         raise CheckpointError(f"{what} {p} is truncated (it ends early)") from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EIO):  # the file system's refusal
+            raise CheckpointError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+        # torch's reader reports a cut or garbled archive as an OSError too (e.g. EINVAL from a seek past the end)
+        raise CheckpointError(f"{what} {p} is not a torch checkpoint or is damaged ({type(exc).__name__}: "
+                              f"{first_sentence(exc.strerror or str(exc))})") from None
     except (RuntimeError, ValueError, KeyError, AttributeError, ImportError, IndexError, struct.error) as exc:
         raise CheckpointError(f"{what} {p} is not a torch checkpoint or is damaged ({type(exc).__name__}: "
                               f"{first_sentence(str(exc))})") from None
