@@ -3,11 +3,13 @@ the same run, with a log that repeats no step and no temporary file left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,19 @@ def _one_line_error(result, *needles: str) -> str:
         assert needle in errors[0], (needle, errors[0])
     assert "Traceback" not in result.output and "weights_only=False" not in result.output
     return errors[0]
+
+
+@contextlib.contextmanager
+def _small_disk(disk: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``disk`` for the block (skips without the right to mount)."""
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def _student_args(root: Path, cache: str, out: Path, *extra: str) -> list[str]:
@@ -222,12 +237,7 @@ def test_training_that_diverges_never_saves_non_finite_weights(synth_root: Path,
 
 def test_disk_full_during_extraction_is_one_line_and_resumable(demo_teacher_ckpt: Path, synth_root: Path,
                                                                tmp_path: Path) -> None:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)], capture_output=True,
-                      check=False).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with _small_disk(tmp_path / "disk", "1500k") as disk:
         out = disk / "cache"
         args = ["extract-teacher", "--teacher-checkpoint", str(demo_teacher_ckpt), "--dataroot", str(synth_root),
                 "--split", SPLIT, "--out", str(out), "--workers", "0", "--device", "cpu", "--shard-samples", "1",
@@ -240,8 +250,18 @@ def test_disk_full_during_extraction_is_one_line_and_resumable(demo_teacher_ckpt
         from tigbev.cache.tools import verify_cache
 
         assert verify_cache(str(out)) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_disk_that_fills_before_the_first_shard_names_the_cache_and_the_file(demo_teacher_ckpt: Path,
+                                                                             synth_root: Path, tmp_path: Path) -> None:
+    with _small_disk(tmp_path / "disk", "12k") as disk:
+        out = disk / "cache"
+        args = ["extract-teacher", "--teacher-checkpoint", str(demo_teacher_ckpt), "--dataroot", str(synth_root),
+                "--split", SPLIT, "--out", str(out), "--workers", "0", "--device", "cpu", "--shard-samples", "1",
+                "--batch-size", "1"]
+        line = _one_line_error(CliRunner().invoke(app, args), f"of cache {out}: No space left on device (", str(out))
+        assert "no shard was written" in line
+        assert not [p for p in disk.rglob("*.tmp")]  # no half-written lease left behind
 
 
 class _Shell:  # a pickle whose loading would run a shell command: a global of a module torch blocks outright
@@ -290,12 +310,7 @@ def test_a_truncated_checkpoint_is_named_in_whole_sentences(tmp_path: Path) -> N
 def test_a_checkpoint_that_cannot_be_written_names_the_file_and_the_errno(tmp_path: Path) -> None:
     from tigbev.checkpoint_file import CheckpointError, save_atomic
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
-                      check=False).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with _small_disk(tmp_path / "disk", "256k") as disk:
         path = disk / "last.pt"
         save_atomic(path, {"w": torch.zeros(1000)})
         before = path.read_bytes()
@@ -305,5 +320,3 @@ def test_a_checkpoint_that_cannot_be_written_names_the_file_and_the_errno(tmp_pa
         assert f"cannot write checkpoint {path}: No space left on device (errno 28)" in text, text
         assert text.endswith(f"{path} is left as it was")
         assert path.read_bytes() == before and sorted(p.name for p in disk.iterdir()) == ["last.pt"]
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)

@@ -368,11 +368,18 @@ class WriterLease:
         if not self._local:
             self.fs.pipe_file(self.path, data)
             return
-        with self.fs.open(self._tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._tmp, self.path)
+        try:
+            with self.fs.open(self._tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._tmp, self.path)
+        except OSError as exc:  # e.g. a full disk: no half-written temporary is left, and the error names the file
+            try:
+                self.fs.rm(self._tmp)
+            except OSError:
+                pass
+            raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or self.path) from exc
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

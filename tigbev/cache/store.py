@@ -278,7 +278,10 @@ class CacheWriter:
                                  "output or delete it")
             self.manifest = existing
             self.group = group
-            self._create_fixed_arrays()  # whoever comes first creates them; the others find them
+            try:
+                self._create_fixed_arrays()  # whoever comes first creates them; the others find them
+            except OSError as exc:
+                raise _unwritable(self.url, exc, "its done flags", f"{self.url}/done") from exc
         self._lock = threading.Lock()
 
     def lease(self, shards: Sequence[int]) -> WriterLease:
@@ -289,6 +292,8 @@ class CacheWriter:
                 return lease.acquire()
         except LeaseConflict as exc:
             raise CacheError(str(exc)) from None
+        except OSError as exc:
+            raise _unwritable(self.url, exc, "its writer lease", lease.path) from exc
 
     def _create_fixed_arrays(self) -> None:
         import zarr
@@ -369,6 +374,14 @@ class CacheWriter:
             self.group.attrs.update({CACHE_ATTR: manifest, CHECKSUM_ATTR: manifest_digest(manifest)})
         self.manifest = Manifest.parse(manifest)
         return True
+
+
+def _unwritable(url: str, exc: OSError, what: str, path: str) -> CacheError:
+    """A cache file that could not be written before any shard (a full disk, no permission), named with the cache,
+    the file and the system's reason."""
+    reason = exc.strerror or str(exc)
+    return CacheError(f"cannot write {what} of cache {url}: {reason} ({exc.filename or path}); no shard was written, "
+                      "free the space (or fix the permission) and rerun the same command")
 
 
 def _check_output(fs: Any, root: str, url: str) -> None:

@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from tigbev.cache.schema import CACHE_ATTR, CHECKSUM_ATTR, FILES_KEY, INDEX_COLUMNS, RECORDS_ARRAY, shard_index_path, tokens_sha256
+from tigbev.cache.schema import (
+    CACHE_ATTR,
+    CHECKSUM_ATTR,
+    FILES_KEY,
+    INDEX_COLUMNS,
+    RECORDS_ARRAY,
+    shard_index_path,
+    tokens_sha256,
+)
 from tigbev.cache.shard_file import ShardFileError
 from tigbev.cache.store import (
     CacheError,

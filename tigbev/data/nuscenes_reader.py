@@ -86,8 +86,8 @@ def read_pcd_bin(path: str | os.PathLike[str]) -> NDArray[np.float32]:
         columns = ", ".join(name for name, ok in zip(("x", "y", "z", "intensity", "ring"), finite.all(axis=0))
                             if not ok)
         raise DatasetError(
-            f"LiDAR file {p} holds {n_bad} non-finite value{'s' if n_bad > 1 else ''} (NaN or infinity, in {columns}) in "
-            f"{bad_rows} of {len(points)} points; tigbev reads no sample from it, so nothing of that sample reaches a "
+            f"LiDAR file {p} holds {n_bad} non-finite value{'s' if n_bad > 1 else ''} (NaN or infinity, in {columns}) "
+            f"in {bad_rows} of {len(points)} points; tigbev reads no sample from it, so nothing of that sample reaches a "
             "teacher, a cache or a student: repair or replace the file and rerun"
         )
     return points

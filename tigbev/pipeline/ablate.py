@@ -130,7 +130,7 @@ two the paper does not, and each step of the chain (what every component adds to
 _METRICS = ("mAP", "NDS", "mATE", "mAOE")
 STUDY_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 """The study preset's default seeds: five, so each paired comparison has a t interval with 4 degrees of freedom."""
-_DEMO_STUDENTS = {"depth": "baseline", "inter_keypoint": "tig"}
+_DEMO_STUDENTS = {"depth": "baseline", "keypoint_only": "tig"}
 """Rows that ``tigbev demo`` trains (its directory names), for the demo's seed."""
 
 
