@@ -21,7 +21,10 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path: Path) -> None:
         assert 0.0 <= s["mAP"] <= 1.0 and s["step_s"] > 0
     assert list(summary["stages"]) == ["synth", "train-teacher", "extract-teacher", "pretrain-backbone",
                                        "train-student-baseline", "train-student-tig"]
-    assert "TiG-BEV from the cache" in result.output
+    assert "TiG-BEV inter-keypoint distillation from the cache" in result.output
+    weights = json.loads((out / "student-tig" / "config.json").read_text())["train"]["weights"]
+    assert (weights["inter_keypoint"], weights["inner_depth"], weights["inter_channel"]) == (100.0, 0.0, 0.0)
+    assert json.loads((out / "student-baseline" / "config.json").read_text())["train"]["weights"]["inter_keypoint"] == 0
     # The closing lines: what the table means, where the results are, and the next commands.
     assert "Distillation from the cache" in result.output and "tigbev train-student" in result.output
     assert f"--cache {out / 'cache-train'}" in result.output and "tigbev evaluate" in result.output
