@@ -87,8 +87,8 @@ def read_pcd_bin(path: str | os.PathLike[str]) -> NDArray[np.float32]:
                             if not ok)
         raise DatasetError(
             f"LiDAR file {p} holds {n_bad} non-finite value{'s' if n_bad > 1 else ''} (NaN or infinity, in {columns}) "
-            f"in {bad_rows} of {len(points)} points; tigbev reads no sample from it, so nothing of that sample reaches a "
-            "teacher, a cache or a student: repair or replace the file and rerun"
+            f"in {bad_rows} of {len(points)} points; tigbev reads no sample from it, so nothing of that sample "
+            "reaches a teacher, a cache or a student: repair or replace the file and rerun"
         )
     return points
 
