@@ -320,3 +320,11 @@ def test_a_checkpoint_that_cannot_be_written_names_the_file_and_the_errno(tmp_pa
         assert f"cannot write checkpoint {path}: No space left on device (errno 28)" in text, text
         assert text.endswith(f"{path} is left as it was")
         assert path.read_bytes() == before and sorted(p.name for p in disk.iterdir()) == ["last.pt"]
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_no_error(synth_cache: str) -> None:
+    """`tigbev cache info C | head -1`: the first line reaches head, and nothing is said about the closed pipe."""
+    done = subprocess.run(f"{sys.executable} -m tigbev.cli cache info {synth_cache} | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.startswith(f"cache      {synth_cache}"), done.stdout
+    assert done.stderr == "", done.stderr

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -119,6 +120,9 @@ def _guarded(command: _F) -> _F:
             return command(*args, **kwargs)
         except _PASSTHROUGH:
             raise
+        except BrokenPipeError:  # the reader of the output left (`| head`): what it wanted was written; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+            raise typer.Exit(code=1) from None
         except Exception as exc:  # noqa: BLE001 - the one place that turns failures into one line
             if _debug["on"] or os.environ.get(_DEBUG_ENV, "") not in ("", "0"):
                 raise
