@@ -133,7 +133,7 @@ def test_every_damage_is_reported_by_verify_and_never_read_as_other_arrays(synth
             silent.append(f"{what}: {outcome}")
         shutil.rmtree(copy)
     counts["silent"] = len(silent)
-    report = tmp_path.parent / "corruption-campaign.json"
+    report = tmp_path / "corruption-campaign.json"
     report.write_text(json.dumps({"seed": SEED, "files": files, **counts, "missed_by_verify": missed_by_verify},
                                  indent=2))
     print(dict(counts))
