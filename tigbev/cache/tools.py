@@ -77,17 +77,11 @@ def file_faults(reader: CacheReader) -> Iterator[Fault]:
     shard file, the shard index's crc32c, every inner chunk listed in it, and the array's size against the
     consolidated index. A few small reads per shard and no record: the inner chunks' own checksums are not verified
     (:data:`NOT_VERIFIED`)."""
-    m = reader.manifest
     found: list[Fault] = []
-    yield from _kept(found, _specific_file_faults(reader, m))
-    yield from _kept(found, listed_file_faults(reader, already=found))
-
-
-def _kept(found: list[Fault], faults: Iterator[Fault]) -> Iterator[Fault]:
-    """``faults``, each also appended to ``found``."""
-    for fault in faults:
+    for fault in _specific_file_faults(reader, reader.manifest):
         found.append(fault)
         yield fault
+    yield from listed_file_faults(reader, already=found)
 
 
 def _specific_file_faults(reader: CacheReader, m: Any) -> Iterator[Fault]:
@@ -143,10 +137,12 @@ def _specific_file_faults(reader: CacheReader, m: Any) -> Iterator[Fault]:
             records.close()
 
 
-def listed_file_faults(reader: CacheReader, already: Sequence[Fault] = ()) -> Iterator[Fault]:
+def listed_file_faults(reader: CacheReader, already: Sequence[Fault] = (),
+                       checked: frozenset[str] = frozenset()) -> Iterator[Fault]:
     """The files a complete cache's manifest lists (``extra["files"]``: indexes, flags, metadata) that are missing,
     of another size, or of another sha256 than written. Small files, each read once; a file that one of the
-    faults ``already`` found names is not reported twice."""
+    faults ``already`` found names is not reported twice, and the files in ``checked`` (their digest already
+    compared by the caller) are not read again."""
     listed = reader.manifest.extra.get(FILES_KEY, {})
     named = " ".join(str(f) for f in already)
     with remote_errors(reader.url):
@@ -161,7 +157,7 @@ def listed_file_faults(reader: CacheReader, already: Sequence[Fault] = ()) -> It
                     set(group["attributes"]) != {CACHE_ATTR, CHECKSUM_ATTR}:
                 yield Fault(-1, "", "manifest", "zarr.json is damaged: its fields are not those of a cache's group")
         for rel, (size, sha) in sorted(listed.items()):
-            if re.search(re.escape(rel) + r"(?!\w)", named):
+            if rel in checked or re.search(re.escape(rel) + r"(?!\w)", named):
                 continue
             path = f"{root.rstrip('/')}/{rel}"
             try:
@@ -284,6 +280,7 @@ def verify_cache(url: str) -> list[Fault]:
     except Exception as exc:  # noqa: BLE001 - a lost or damaged flags array is a fault to report
         return [Fault(-1, "", "done", f"unreadable: {_short(exc)}")]
     n = m.dataset.num_samples
+    digest_checked: set[str] = set()  # listed files whose sha256 the reads below compare already
     fs, root = fs_and_path(reader.url)
     lost_flags = [k for k in range(m.num_shards) if not fs.exists(f"{root.rstrip('/')}/done/c/{k}")]
     if lost_flags:
@@ -300,6 +297,8 @@ def verify_cache(url: str) -> list[Fault]:
             faults += [Fault(i, "", "done", "sample not written") for i in r if not done[i]]
             continue
         listed = m.extra.get(FILES_KEY, {}).get(shard_index_path(shard))
+        if listed:
+            digest_checked.add(shard_index_path(shard))
         try:
             rows = read_parquet_rows(f"{reader.url}/{shard_index_path(shard)}", sha256=listed[1] if listed else None)
         except Exception as exc:  # noqa: BLE001 - reported as a fault
@@ -332,7 +331,7 @@ def verify_cache(url: str) -> list[Fault]:
                 faults.append(Fault(-1, "", "index", "sample tokens differ from the manifest's fingerprint"))
         except Exception as exc:  # noqa: BLE001 - reported as a fault
             faults.append(Fault(-1, "", "index", f"unreadable: {_short(exc)}"))
-    faults += list(listed_file_faults(reader, already=list(faults)))
+    faults += list(listed_file_faults(reader, already=list(faults), checked=frozenset(digest_checked)))
     return faults
 
 
